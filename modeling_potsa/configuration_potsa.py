@@ -1,0 +1,261 @@
+"""Configuration of POTSA: frozen speech encoder -> language-bias compensation -> Q-Former -> frozen causal LLM.
+
+The defaults describe the paper's real-size system (Whisper-large-v3 encoder, Qwen2.5-7B-Instruct, an 8-block
+Q-Former with 80 queries, X -> Chinese) so that ``PotsaConfig()`` can be inspected, counted on the meta device or
+trained without downloading anything but the two base checkpoints. The sub-config defaults copy the published
+``config.json`` values of those checkpoints; ``PotsaConfig.from_base_models`` reads the real ones instead.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import field
+from typing import Any
+
+from transformers import AutoConfig, Blip2QFormerConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+# English names used in prompts ("Translate the Spanish speech into Chinese."). Codes missing here fall back to
+# the code itself, so any language can be added; these are the FLEURS languages the paper and the demo use.
+LANGUAGE_NAMES: dict[str, str] = {
+    "ar": "Arabic", "de": "German", "en": "English", "es": "Spanish", "fr": "French", "hi": "Hindi",
+    "id": "Indonesian", "it": "Italian", "ja": "Japanese", "ko": "Korean", "nl": "Dutch", "pl": "Polish",
+    "pt": "Portuguese", "ru": "Russian", "sv": "Swedish", "th": "Thai", "tr": "Turkish", "uk": "Ukrainian",
+    "vi": "Vietnamese", "zh": "Chinese",
+}  # fmt: skip
+
+SPEECH_TOKEN = "<|speech|>"
+
+# Qwen2.5-Instruct chat format; `<|speech|>` marks where the soft prompt goes, `{instruction}` the task text.
+QWEN_CHAT_TEMPLATE = (
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "<|im_start|>user\n<|speech|>\n{instruction}<|im_end|>\n<|im_start|>assistant\n"
+)
+
+TASK_INSTRUCTIONS: dict[str, str] = {
+    "transcribe": "Transcribe the {source_language} speech.",
+    "translate": "Translate the {source_language} speech into {target_language}.",
+    "chain": "Transcribe the {source_language} speech, then translate it into {target_language}.",
+}
+
+PAIR_STRATEGIES = ("random_pairwise", "english_anchor_frozen", "english_anchor")
+LAYER_SCHEDULERS = ("ucb", "fixed", "uniform", "round_robin")
+_LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}([-_][A-Za-z0-9]{2,8})*$")
+
+# Published config.json values of openai/whisper-large-v3 (encoder side) and Qwen/Qwen2.5-7B-Instruct.
+WHISPER_LARGE_V3_ENCODER = {
+    "d_model": 1280, "encoder_layers": 32, "encoder_attention_heads": 20, "encoder_ffn_dim": 5120,
+    "decoder_layers": 32, "decoder_attention_heads": 20, "decoder_ffn_dim": 5120, "num_mel_bins": 128,
+    "max_source_positions": 1500, "vocab_size": 51866,
+}  # fmt: skip
+QWEN25_7B_INSTRUCT = {
+    "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+    "num_key_value_heads": 4, "vocab_size": 152064, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}, "tie_word_embeddings": False,
+    "bos_token_id": 151643, "eos_token_id": 151645,
+}  # fmt: skip
+PAPER_QFORMER = {
+    "hidden_size": 768, "num_hidden_layers": 8, "num_attention_heads": 12, "intermediate_size": 3072,
+    "cross_attention_frequency": 1,
+}  # fmt: skip
+
+
+class PotsaConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`PotsaForSpeechTranslation`].
+
+    Args:
+        encoder_config (`dict` or `PreTrainedConfig`, *optional*):
+            Speech encoder config (a `WhisperConfig`; only its encoder is used). Defaults to Whisper-large-v3.
+        text_config (`dict` or `PreTrainedConfig`, *optional*):
+            Causal LLM config (any `AutoConfig` model type with an `AutoModelForCausalLM`). Defaults to Qwen2.5-7B.
+        qformer_config (`dict` or `Blip2QFormerConfig`, *optional*):
+            Q-Former blocks. `encoder_hidden_size` is always set from the speech encoder's width.
+        encoder_model_id (`str`, *optional*, defaults to `"openai/whisper-large-v3"`):
+            Hub id or local path of the pretrained encoder weights, loaded at `from_pretrained` (not stored in
+            POTSA checkpoints). `None` means the encoder weights live in the checkpoint itself.
+        text_model_id (`str`, *optional*, defaults to `"Qwen/Qwen2.5-7B-Instruct"`):
+            Same for the LLM.
+        base_weights_in_checkpoint (`bool`, *optional*, defaults to `False`):
+            Set by `save_pretrained(..., include_base_weights=True)`: the checkpoint is a fully offline bundle and
+            the ids above are only provenance.
+        num_query_tokens (`int`, *optional*, defaults to 80):
+            Learned Q-Former queries = soft-prompt tokens fed to the LLM per utterance.
+        languages (`list[str]`, *optional*):
+            Language codes with a row in the bias table (order = `language_ids`).
+        target_language (`str`, *optional*, defaults to `"zh"`):
+            Language the model writes.
+        use_bias_compensation (`bool`, *optional*, defaults to `True`):
+            Subtract the per-language mean encoder output from every frame.
+        train_bias (`bool`, *optional*, defaults to `True`):
+            Keep the bias table trainable after its estimate, as the paper's code does.
+        speech_token_id (`int`, *optional*):
+            Id of `speech_token` in the LLM tokenizer (added as a special token by `PotsaProcessor`); recorded here
+            so the model can find the soft-prompt positions.
+        speech_token / prompt_template / task_instructions:
+            The prompt: `prompt_template` contains `speech_token` once (where the soft prompt goes) and may contain
+            `{instruction}` (a template without it, like the tiny demo's, ignores the task text);
+            `task_instructions[task]` may use `{source_language}` and `{target_language}`.
+        chain_separator (`str`, *optional*, defaults to `"\n"`):
+            Joins transcript and translation in the "chain" task's target.
+        ot_loss_weight (`float`, *optional*, defaults to 10.0):
+            lambda in `CE + lambda * OT`.
+        ot_blur (`float`, *optional*, defaults to 0.05):
+            Sinkhorn blur (epsilon = blur ** 2).
+        ot_candidate_layers (`list[int]`, *optional*, defaults to `[1, 2, 3]`):
+            Q-Former layers (1-based block outputs) the scheduler may align.
+        ot_layer_scheduler (`str`, *optional*, defaults to `"ucb"`):
+            One of "ucb", "fixed", "uniform", "round_robin".
+        ot_pair_strategy (`str`, *optional*, defaults to `"random_pairwise"`):
+            One of "random_pairwise", "english_anchor_frozen", "english_anchor".
+        anchor_language (`str`, *optional*, defaults to `"en"`):
+            Anchor of the English-anchor strategies.
+        ucb_beta, ucb_ema, ucb_temperature_floor, ucb_temperature_decay:
+            UCB exploration weight, reward EMA, and the softmax temperature `max(floor, decay ** t)`.
+        use_lora, lora_rank, lora_alpha, lora_dropout, lora_target_modules:
+            Optional LoRA adapters on the LLM (through peft), off by default as in the paper.
+    """
+
+    model_type = "potsa"
+    sub_configs_defaults = {
+        "encoder_config": SubConfigSpec(AutoConfig, model_type="whisper", init_kwargs=WHISPER_LARGE_V3_ENCODER),
+        "text_config": SubConfigSpec(AutoConfig, model_type="qwen2", init_kwargs=QWEN25_7B_INSTRUCT),
+        "qformer_config": SubConfigSpec(Blip2QFormerConfig, init_kwargs=PAPER_QFORMER),
+    }
+
+    encoder_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    qformer_config: dict | PreTrainedConfig | None = None
+    encoder_model_id: str | None = "openai/whisper-large-v3"
+    text_model_id: str | None = "Qwen/Qwen2.5-7B-Instruct"
+    base_weights_in_checkpoint: bool = False
+    num_query_tokens: int = 80
+    languages: list[str] = field(default_factory=lambda: ["en", "es", "ja", "ko", "ru", "zh"])
+    target_language: str = "zh"
+    use_bias_compensation: bool = True
+    train_bias: bool = True
+    speech_token: str = SPEECH_TOKEN
+    speech_token_id: int | None = None
+    prompt_template: str = QWEN_CHAT_TEMPLATE
+    task_instructions: dict[str, str] = field(default_factory=lambda: dict(TASK_INSTRUCTIONS))
+    chain_separator: str = "\n"
+    ot_loss_weight: float = 10.0
+    ot_blur: float = 0.05
+    ot_candidate_layers: list[int] = field(default_factory=lambda: [1, 2, 3])
+    ot_layer_scheduler: str = "ucb"
+    ot_pair_strategy: str = "random_pairwise"
+    anchor_language: str = "en"
+    ucb_beta: float = 1.0
+    ucb_ema: float = 0.9
+    ucb_temperature_floor: float = 0.05
+    ucb_temperature_decay: float = 0.999
+    use_lora: bool = False
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        # The Q-Former cross-attends to encoder frames, so its key/value width is the encoder's width.
+        self.qformer_config.encoder_hidden_size = self.encoder_hidden_size
+        self._validate()
+
+    @property
+    def encoder_hidden_size(self) -> int:
+        """Width of the speech encoder's frames (`d_model` for Whisper, `hidden_size` for wav2vec2-style models)."""
+        return getattr(self.encoder_config, "d_model", None) or self.encoder_config.hidden_size
+
+    @property
+    def num_qformer_layers(self) -> int:
+        return self.qformer_config.num_hidden_layers
+
+    def language_id(self, language: str) -> int:
+        """Row of `language` in the bias table; a clear error for codes the model does not know."""
+        if language not in self.languages:
+            raise ValueError(
+                f"Unknown language {language!r}. This model supports {self.languages}; add a new language with "
+                "`model.add_language(code, bias)` after estimating its bias from unlabeled audio."
+            )
+        return self.languages.index(language)
+
+    @staticmethod
+    def language_name(language: str) -> str:
+        return LANGUAGE_NAMES.get(language.split("-")[0].split("_")[0], language)
+
+    def _validate(self) -> None:
+        """Fail at construction on values that would otherwise break training much later (or silently)."""
+        if not self.languages:
+            raise ValueError("`languages` must list at least one language code, e.g. ['en', 'es'].")
+        for code in self.languages:
+            if not isinstance(code, str) or not _LANGUAGE_CODE.match(code):
+                raise ValueError(f"Invalid language code {code!r} in `languages`: use ISO codes such as 'en', 'es'.")
+        if len(set(self.languages)) != len(self.languages):
+            raise ValueError(f"`languages` has duplicates: {self.languages}.")
+        if self.ot_pair_strategy.startswith("english_anchor") and self.anchor_language not in self.languages:
+            raise ValueError(f"`anchor_language` {self.anchor_language!r} is not in `languages` {self.languages}.")
+        if not _LANGUAGE_CODE.match(self.target_language or ""):
+            raise ValueError(f"Invalid `target_language` {self.target_language!r}: use an ISO code such as 'zh'.")
+        if self.num_query_tokens < 1:
+            raise ValueError(f"`num_query_tokens` must be >= 1, got {self.num_query_tokens}.")
+        if self.prompt_template.count(self.speech_token) != 1:
+            raise ValueError(
+                f"`prompt_template` must contain the speech token {self.speech_token!r} exactly once, got "
+                f"{self.prompt_template.count(self.speech_token)} in {self.prompt_template!r}."
+            )
+        unknown_fields = set(re.findall(r"{(\w*)}", self.prompt_template)) - {"instruction"}
+        if unknown_fields:
+            raise ValueError(f"`prompt_template` may only use the `{{instruction}}` field, found {sorted(unknown_fields)}.")
+        vocab_size = getattr(self.text_config, "vocab_size", None)
+        if self.speech_token_id is not None and vocab_size and not 0 <= self.speech_token_id < vocab_size:
+            raise ValueError(
+                f"`speech_token_id` {self.speech_token_id} is outside the LLM vocabulary (size {vocab_size})."
+            )
+        if self.ot_loss_weight < 0:
+            raise ValueError(f"`ot_loss_weight` (lambda) must be >= 0, got {self.ot_loss_weight}.")
+        if self.ot_blur <= 0:
+            raise ValueError(f"`ot_blur` must be > 0, got {self.ot_blur}.")
+        if not self.ot_candidate_layers:
+            raise ValueError("`ot_candidate_layers` must name at least one Q-Former layer.")
+        for layer in self.ot_candidate_layers:
+            if not isinstance(layer, int) or not 1 <= layer <= self.num_qformer_layers:
+                raise ValueError(
+                    f"OT candidate layer {layer!r} is outside the Q-Former's layers 1..{self.num_qformer_layers}."
+                )
+        if len(set(self.ot_candidate_layers)) != len(self.ot_candidate_layers):
+            raise ValueError(f"`ot_candidate_layers` has duplicates: {self.ot_candidate_layers}.")
+        if self.ot_layer_scheduler not in LAYER_SCHEDULERS:
+            raise ValueError(f"`ot_layer_scheduler` must be one of {LAYER_SCHEDULERS}, got {self.ot_layer_scheduler!r}.")
+        if self.ot_pair_strategy not in PAIR_STRATEGIES:
+            raise ValueError(f"`ot_pair_strategy` must be one of {PAIR_STRATEGIES}, got {self.ot_pair_strategy!r}.")
+        if self.ucb_beta < 0:
+            raise ValueError(f"`ucb_beta` must be >= 0, got {self.ucb_beta}.")
+        if not 0 <= self.ucb_ema < 1:
+            raise ValueError(f"`ucb_ema` must be in [0, 1), got {self.ucb_ema}.")
+        if not 0 < self.ucb_temperature_floor <= 1:
+            raise ValueError(f"`ucb_temperature_floor` must be in (0, 1], got {self.ucb_temperature_floor}.")
+        if not 0 < self.ucb_temperature_decay <= 1:
+            raise ValueError(f"`ucb_temperature_decay` must be in (0, 1], got {self.ucb_temperature_decay}.")
+        if self.use_lora and (self.lora_rank < 1 or not self.lora_target_modules):
+            raise ValueError("LoRA needs `lora_rank` >= 1 and at least one module in `lora_target_modules`.")
+        if self.qformer_config.hidden_size % self.qformer_config.num_attention_heads:
+            raise ValueError(
+                f"Q-Former hidden size {self.qformer_config.hidden_size} is not divisible by its "
+                f"{self.qformer_config.num_attention_heads} attention heads."
+            )
+
+    @classmethod
+    def from_base_models(cls, encoder_model_id: str, text_model_id: str, **kwargs: Any) -> PotsaConfig:
+        """Build a config whose sub-configs are read from the two base checkpoints (config files only)."""
+        encoder_config = AutoConfig.from_pretrained(encoder_model_id)
+        text_config = AutoConfig.from_pretrained(text_model_id)
+        return cls(
+            encoder_config=encoder_config,
+            text_config=text_config,
+            encoder_model_id=encoder_model_id,
+            text_model_id=text_model_id,
+            **kwargs,
+        )
+
+
+__all__ = ["PotsaConfig", "LANGUAGE_NAMES", "SPEECH_TOKEN"]

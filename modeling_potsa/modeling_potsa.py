@@ -1,0 +1,477 @@
+"""POTSA speech translation model: frozen speech encoder + bias compensation + Q-Former + frozen causal LLM.
+
+```
+audio features (B, n_mels, 2P) --speech encoder (frozen)--> frames (B, P, d_enc)
+  --minus bias[language]--> --Q-Former (80 queries, cross-attention to valid frames)--> (B, 80, d_q) per layer
+  --projector (Linear + LayerNorm)--> soft prompt (B, 80, d_llm)
+LLM inputs_embeds: [prompt prefix][soft prompt][prompt suffix][target] --LLM (frozen)--> CE on target tokens
+```
+
+Only the Q-Former, its queries, the projector, the bias table (and LoRA adapters, if enabled) are trained and saved.
+The encoder and LLM are reloaded from their own hub ids / paths at `from_pretrained`, the way Ultravox ships, so a
+checkpoint on top of a 7B LLM is a few hundred MB.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, Blip2QFormerModel, PreTrainedConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import ModelOutput
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+from transformers.utils import logging as hf_logging
+
+from .bias_compensation import LanguageBiasCompensation, masked_time_mean
+from .configuration_potsa import PotsaConfig
+
+# Whisper checkpoints store the encoder under `model.encoder.` (ForConditionalGeneration) or `encoder.` (WhisperModel).
+_WHISPER_ENCODER_KEYS = {r"^model\.encoder\.": "", r"^encoder\.": ""}
+
+
+@dataclass
+class PotsaOutput(ModelOutput):
+    """
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Cross-entropy on target tokens (labels != -100), when `labels` is given.
+        logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
+            LLM logits over the merged sequence (prompt, soft prompt, target).
+        qformer_hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+            `num_qformer_layers + 1` tensors of shape `(batch_size, num_query_tokens, qformer_hidden_size)`: the
+            query embeddings (index 0) and each block's output (index l = layer l, what the OT loss aligns).
+        pooled_speech (`torch.FloatTensor` of shape `(batch_size, encoder_hidden_size)`, *optional*):
+            Encoder frames averaged over valid frames *before* bias compensation (bias estimation, language id).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    qformer_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    pooled_speech: torch.FloatTensor | None = None
+
+
+class PotsaProjector(nn.Module):
+    """Maps Q-Former outputs to the LLM's embedding width; the LayerNorm keeps the soft prompt at the scale the
+    frozen LLM expects from its own embeddings."""
+
+    def __init__(self, qformer_hidden_size: int, llm_hidden_size: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(qformer_hidden_size, llm_hidden_size)
+        self.layer_norm = nn.LayerNorm(llm_hidden_size)
+
+    def forward(self, query_states: torch.Tensor) -> torch.Tensor:
+        return self.layer_norm(self.linear(query_states))
+
+
+class PotsaPreTrainedModel(PreTrainedModel):
+    config_class = PotsaConfig
+    config: PotsaConfig
+    base_model_prefix = "potsa"
+    main_input_name = "input_features"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["WhisperEncoderLayer", "Blip2QFormerLayer", "Qwen2DecoderLayer"]
+    # The trained connector stays in float32 whatever dtype the frozen encoder / LLM are loaded in (as BLIP-2 does).
+    _keep_in_fp32_modules_strict = ["query_tokens", "bias_compensation", "qformer", "projector"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Initialise POTSA's own parameters; the encoder, Q-Former and LLM sub-models initialise themselves."""
+        std = self.config.qformer_config.initializer_range
+        if isinstance(module, PotsaForSpeechTranslation):
+            init.normal_(module.query_tokens, mean=0.0, std=std)
+        elif isinstance(module, LanguageBiasCompensation):
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+
+def build_speech_encoder(config: PotsaConfig) -> PreTrainedModel:
+    """A randomly initialised speech encoder of the configured architecture (weights come later)."""
+    if config.encoder_config.model_type == "whisper":
+        return WhisperEncoder(config.encoder_config)
+    return AutoModel.from_config(config.encoder_config)
+
+
+def load_pretrained_speech_encoder(model_id: str, config: PotsaConfig, **kwargs: Any) -> PreTrainedModel:
+    """Encoder weights from a hub id or local path. For Whisper only the encoder half of the checkpoint is read."""
+    if config.encoder_config.model_type != "whisper":
+        return AutoModel.from_pretrained(model_id, **kwargs)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the decoder half is "unexpected" by design; do not report 1000 keys
+    try:
+        return WhisperEncoder.from_pretrained(model_id, key_mapping=_WHISPER_ENCODER_KEYS, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _check_same_architecture(name: str, expected: Any, loaded: Any, fields: tuple[str, ...]) -> None:
+    for field_name in fields:
+        if getattr(expected, field_name, None) != getattr(loaded, field_name, None):
+            raise ValueError(
+                f"The {name} loaded from its id has {field_name}={getattr(loaded, field_name, None)} but the POTSA "
+                f"config says {getattr(expected, field_name, None)}; the checkpoint was trained on another base model."
+            )
+
+
+def _mark_initialized(module: nn.Module) -> None:
+    """Pretrained sub-models must survive `post_init`, which would otherwise re-initialise every weight."""
+    for submodule in module.modules():
+        submodule._is_hf_initialized = True
+
+
+class PotsaForSpeechTranslation(PotsaPreTrainedModel):
+    """POTSA: speech in any configured language -> text in `config.target_language`.
+
+    Args:
+        config (`PotsaConfig`): the model configuration.
+        speech_encoder (`PreTrainedModel`, *optional*): an already loaded encoder (used by `from_pretrained` and
+            `from_base_models`); built from `config.encoder_config` when omitted.
+        language_model (`PreTrainedModel`, *optional*): an already loaded causal LLM; likewise.
+    """
+
+    def __init__(
+        self,
+        config: PotsaConfig,
+        speech_encoder: PreTrainedModel | None = None,
+        language_model: PreTrainedModel | None = None,
+    ) -> None:
+        super().__init__(config)
+        if speech_encoder is not None:
+            _mark_initialized(speech_encoder)
+        if language_model is not None:
+            _mark_initialized(language_model)
+        self.speech_encoder = speech_encoder if speech_encoder is not None else build_speech_encoder(config)
+        self.bias_compensation = LanguageBiasCompensation(len(config.languages), config.encoder_hidden_size)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
+        self.qformer = Blip2QFormerModel(config.qformer_config)
+        self.projector = PotsaProjector(config.qformer_config.hidden_size, config.text_config.hidden_size)
+        if language_model is None:
+            language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.language_model = language_model
+        self.freeze_base_models()
+        if config.use_lora:
+            self.language_model = self._add_lora(self.language_model)
+        self.post_init()
+
+    # ----------------------------------------------------------------------------------------------- construction
+    def freeze_base_models(self) -> None:
+        """The paper trains only the connector: freeze encoder and LLM; the bias table follows `train_bias`."""
+        self.speech_encoder.requires_grad_(False)
+        self.language_model.requires_grad_(False)
+        self.bias_compensation.requires_grad_(self.config.use_bias_compensation and self.config.train_bias)
+
+    def _add_lora(self, language_model: nn.Module) -> nn.Module:
+        from peft import LoraConfig, get_peft_model  # optional dependency, only when LoRA is asked for
+
+        lora_config = LoraConfig(
+            r=self.config.lora_rank,
+            lora_alpha=self.config.lora_alpha,
+            lora_dropout=self.config.lora_dropout,
+            target_modules=list(self.config.lora_target_modules),
+            task_type="CAUSAL_LM",
+        )
+        return get_peft_model(language_model, lora_config)
+
+    @classmethod
+    def from_base_models(
+        cls, config: PotsaConfig, dtype: torch.dtype | str | None = None, **kwargs: Any
+    ) -> PotsaForSpeechTranslation:
+        """A fresh model (new Q-Former, projector, zero bias) on top of the pretrained encoder and LLM named in
+        `config.encoder_model_id` / `config.text_model_id`: how stage 1 starts."""
+        if not (config.encoder_model_id and config.text_model_id):
+            raise ValueError("`from_base_models` needs `encoder_model_id` and `text_model_id` in the config.")
+        speech_encoder, language_model = cls._load_base_models(config, dtype=dtype, **kwargs)
+        return cls(config, speech_encoder=speech_encoder, language_model=language_model)
+
+    @classmethod
+    def _load_base_models(cls, config: PotsaConfig, **kwargs: Any) -> tuple[PreTrainedModel, PreTrainedModel]:
+        kwargs = {key: value for key, value in kwargs.items() if value is not None}
+        speech_encoder = load_pretrained_speech_encoder(config.encoder_model_id, config, **kwargs)
+        language_model = AutoModelForCausalLM.from_pretrained(config.text_model_id, **kwargs)
+        _check_same_architecture(
+            "speech encoder", config.encoder_config, speech_encoder.config, ("d_model", "hidden_size", "num_mel_bins")
+        )
+        _check_same_architecture(
+            "LLM", config.text_config, language_model.config, ("hidden_size", "num_hidden_layers", "vocab_size")
+        )
+        return speech_encoder, language_model
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> Any:
+        """Load a POTSA checkpoint; the frozen encoder and LLM come from their own ids unless the checkpoint
+        bundles them (`save_pretrained(..., include_base_weights=True)`)."""
+        config = kwargs.pop("config", None)
+        if not isinstance(config, PreTrainedConfig):  # remote code may hand in a PotsaConfig from another module
+            hub_keys = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+            hub_kwargs = {key: kwargs[key] for key in hub_keys if key in kwargs}
+            config = PotsaConfig.from_pretrained(config or pretrained_model_name_or_path, **hub_kwargs)
+        if config.base_weights_in_checkpoint or not (config.encoder_model_id and config.text_model_id):
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+        base_keys = ("dtype", "cache_dir", "local_files_only", "token", "attn_implementation")
+        base_models = cls._load_base_models(config, **{key: kwargs[key] for key in base_keys if key in kwargs})
+        kwargs["speech_encoder"], kwargs["language_model"] = base_models
+        # Loading re-creates every non-persistent buffer (e.g. rotary frequencies) as if it were new; the base
+        # models already hold the right values, so put them back afterwards.
+        buffers = [
+            (module, name, buffer.clone())
+            for base_model in base_models
+            for module in base_model.modules()
+            for name, buffer in module.named_buffers(recurse=False)
+            if name in module._non_persistent_buffers_set
+        ]
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+        for module, name, buffer in buffers:
+            module.register_buffer(name, buffer.to(getattr(module, name).device), persistent=False)
+        return model
+
+    def _external_weight_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes whose frozen weights are reloaded from a base model id rather than stored."""
+        if self.config.base_weights_in_checkpoint:
+            return ()
+        prefixes = []
+        if self.config.encoder_model_id:
+            prefixes.append("speech_encoder.")
+        if self.config.text_model_id:
+            prefixes.append("language_model.")
+        return tuple(prefixes)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """The weights this checkpoint owns: everything except frozen base-model weights that an id reloads.
+
+        `from_pretrained` derives the expected keys from this too, so frozen base weights are neither expected
+        in the checkpoint nor re-initialised over the pretrained ones."""
+        state = super().state_dict(*args, **kwargs)
+        external = self._external_weight_prefixes()
+        if not external:
+            return state
+        prefix = kwargs.get("prefix", "")
+        trainable = {prefix + name for name, param in self.named_parameters() if param.requires_grad}
+        external = tuple(prefix + p for p in external)
+        return {key: value for key, value in state.items() if key in trainable or not key.startswith(external)}
+
+    def save_pretrained(self, save_directory: Any, *args: Any, include_base_weights: bool = False, **kwargs: Any):
+        """Save config, code files and the trainable weights (safetensors).
+
+        Args:
+            include_base_weights (`bool`, *optional*, defaults to `False`):
+                Also store the frozen encoder and LLM, for fully offline bundles (the tiny demo). Never use it for
+                a checkpoint on top of a 7B LLM that is on the Hub already.
+        """
+        if not include_base_weights or self.config.base_weights_in_checkpoint:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        self.config.base_weights_in_checkpoint = True
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.config.base_weights_in_checkpoint = False
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def num_parameters_by_part(self) -> dict[str, int]:
+        """Parameter counts per component and trainable total (works on the meta device)."""
+        parts = {
+            "speech_encoder": self.speech_encoder,
+            "bias_compensation": self.bias_compensation,
+            "qformer": self.qformer,
+            "projector": self.projector,
+            "language_model": self.language_model,
+        }
+        counts = {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
+        counts["query_tokens"] = self.query_tokens.numel()
+        counts["trainable"] = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        counts["total"] = sum(p.numel() for p in self.parameters())
+        return counts
+
+    # --------------------------------------------------------------------------------------------------- languages
+    @torch.no_grad()
+    def set_language_bias(self, language: str, bias: torch.Tensor) -> None:
+        """Store an estimated bias vector (d_enc,) for a language the model already knows."""
+        row = self.config.language_id(language)
+        self.bias_compensation.bias[row] = bias.to(self.bias_compensation.bias)
+
+    @torch.no_grad()
+    def add_language(self, language: str, bias: torch.Tensor) -> None:
+        """Add a language (e.g. zero-shot) with its bias vector, estimated from unlabeled audio only."""
+        if language in self.config.languages:
+            raise ValueError(f"{language!r} is already supported; use `set_language_bias` to update its vector.")
+        old = self.bias_compensation.bias
+        table = torch.cat([old.detach(), bias.to(old).view(1, -1)], dim=0)
+        self.bias_compensation.bias = nn.Parameter(table, requires_grad=old.requires_grad)
+        self.config.languages = [*self.config.languages, language]
+        self.config._validate()
+
+    # ------------------------------------------------------------------------------------------------------- speech
+    def encode_speech(
+        self, input_features: torch.Tensor, feature_attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen encoder: features (B, n_mels, 2P) -> frames (B, P, d_enc) and a (B, P) bool mask of valid frames.
+
+        Features are always padded to the encoder window (Whisper was trained on 30 s windows and drifts on shorter
+        inputs); the mask keeps the padding out of the Q-Former's cross-attention and of pooled statistics.
+        """
+        frames = self.speech_encoder(input_features).last_hidden_state
+        if feature_attention_mask is None:
+            return frames, torch.ones(frames.shape[:2], dtype=torch.bool, device=frames.device)
+        stride = feature_attention_mask.shape[1] // frames.shape[1]  # 2 for Whisper's stride-2 convolution
+        frame_mask = feature_attention_mask[:, ::stride][:, : frames.shape[1]].bool()  # (B, P)
+        return frames, frame_mask
+
+    def speech_to_soft_prompt(
+        self, frames: torch.Tensor, frame_mask: torch.Tensor, language_ids: torch.Tensor | None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Encoder frames -> (soft prompt (B, Q, d_llm), Q-Former hidden states per layer)."""
+        if self.config.use_bias_compensation:
+            if language_ids is None:
+                raise ValueError(
+                    "`language_ids` are required with bias compensation (one id per utterance, from "
+                    "`config.language_id(code)` or the processor's `language=`)."
+                )
+            frames = self.bias_compensation(frames, language_ids)
+        queries = self.query_tokens.expand(frames.shape[0], -1, -1)  # (B, Q, d_q)
+        qformer_output = self.qformer(
+            query_embeds=queries,
+            encoder_hidden_states=frames,
+            encoder_attention_mask=frame_mask.long(),
+            output_hidden_states=True,
+        )
+        soft_prompt = self.projector(qformer_output.last_hidden_state)
+        return soft_prompt, qformer_output.hidden_states
+
+    def _merge_soft_prompt(self, input_ids: torch.Tensor, soft_prompt: torch.Tensor) -> torch.Tensor:
+        """Embed `input_ids` and write the soft prompt over the speech-token placeholders, row by row."""
+        speech_token_id = self.config.speech_token_id
+        if speech_token_id is None:
+            raise ValueError(
+                "`config.speech_token_id` is not set: build the processor with `PotsaProcessor.from_config` (it adds "
+                "the speech token to the tokenizer) and copy `processor.speech_token_id` into the config."
+            )
+        placeholder = input_ids == speech_token_id  # (B, S)
+        counts = placeholder.sum(dim=1)
+        if (counts != self.config.num_query_tokens).any():
+            raise ValueError(
+                f"Every row of `input_ids` needs exactly {self.config.num_query_tokens} speech tokens "
+                f"(id {speech_token_id}), found {counts.tolist()}. Build inputs with `PotsaProcessor`."
+            )
+        inputs_embeds = self.get_input_embeddings()(input_ids)  # (B, S, d_llm)
+        soft_prompt = soft_prompt.to(inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(placeholder.unsqueeze(-1), soft_prompt)
+
+    def _embed_inputs(
+        self,
+        input_ids: torch.Tensor,
+        input_features: torch.Tensor | None,
+        feature_attention_mask: torch.Tensor | None,
+        language_ids: torch.Tensor | None,
+        encoder_hidden_states: torch.Tensor | None,
+        encoder_attention_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
+        if (input_features is None) == (encoder_hidden_states is None):
+            raise ValueError(
+                "Pass exactly one of `input_features` (audio features) or `encoder_hidden_states` (cached encoder "
+                "outputs)."
+            )
+        if input_features is not None:
+            frames, frame_mask = self.encode_speech(input_features, feature_attention_mask)
+        else:
+            frames = encoder_hidden_states
+            frame_mask = (
+                torch.ones(frames.shape[:2], dtype=torch.bool, device=frames.device)
+                if encoder_attention_mask is None
+                else encoder_attention_mask.bool()
+            )
+        soft_prompt, qformer_states = self.speech_to_soft_prompt(frames, frame_mask, language_ids)
+        pooled_speech = masked_time_mean(frames, frame_mask)
+        return self._merge_soft_prompt(input_ids, soft_prompt), qformer_states, pooled_speech
+
+    # -------------------------------------------------------------------------------------------------- interfaces
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        input_features: torch.FloatTensor | None = None,
+        feature_attention_mask: torch.LongTensor | None = None,
+        language_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        encoder_hidden_states: torch.FloatTensor | None = None,
+        encoder_attention_mask: torch.LongTensor | None = None,
+        output_qformer_hidden_states: bool = False,
+        num_items_in_batch: int | torch.Tensor | None = None,
+    ) -> PotsaOutput:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+                Prompt (+ target) token ids with `num_query_tokens` speech-token placeholders per row.
+            input_features (`torch.FloatTensor` of shape `(batch_size, n_mels, 2 * max_source_positions)`):
+                Log-mel features padded to the encoder window (from `PotsaProcessor`).
+            feature_attention_mask (`torch.LongTensor` of shape `(batch_size, 2 * max_source_positions)`):
+                1 for feature frames of the audio, 0 for padding.
+            language_ids (`torch.LongTensor` of shape `(batch_size,)`):
+                Row of each utterance's language in the bias table.
+            attention_mask (`torch.LongTensor` of shape `(batch_size, sequence_length)`): LLM attention mask.
+            labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+                Target ids; -100 on prompt, speech placeholders and padding (the processor does this).
+            encoder_hidden_states / encoder_attention_mask:
+                Cached frozen-encoder outputs `(batch_size, frames, d_enc)` and their mask, instead of features.
+            output_qformer_hidden_states (`bool`): return every Q-Former layer's states (for the OT loss).
+            num_items_in_batch (`int`, *optional*):
+                Target tokens in the whole accumulated batch; the CE is a sum divided by it, so that gradient
+                accumulation gives the same update as one large batch.
+        """
+        inputs_embeds, qformer_states, pooled_speech = self._embed_inputs(
+            input_ids, input_features, feature_attention_mask, language_ids, encoder_hidden_states,
+            encoder_attention_mask,
+        )  # fmt: skip
+        llm_kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+        llm_output = self.language_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **llm_kwargs
+        )
+        return PotsaOutput(
+            loss=llm_output.loss,
+            logits=llm_output.logits,
+            qformer_hidden_states=qformer_states if output_qformer_hidden_states else None,
+            pooled_speech=pooled_speech,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor,
+        input_features: torch.FloatTensor | None = None,
+        feature_attention_mask: torch.LongTensor | None = None,
+        language_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        encoder_hidden_states: torch.FloatTensor | None = None,
+        encoder_attention_mask: torch.LongTensor | None = None,
+        **generate_kwargs: Any,
+    ) -> torch.LongTensor:
+        """Translate: returns only the new token ids `(batch_size, new_tokens)`.
+
+        Prompts must be left-padded (the processor does this when no target text is given) so that every row's
+        last prompt token sits at the same position. `generate_kwargs` (num_beams, max_new_tokens,
+        no_repeat_ngram_size, do_sample, ...) go to the LLM's `generate`, which rejects unknown ones.
+        """
+        if attention_mask is not None and (attention_mask[:, -1] == 0).any():
+            raise ValueError("Prompts must be left-padded for generation: call the processor without target text.")
+        inputs_embeds, _, _ = self._embed_inputs(
+            input_ids, input_features, feature_attention_mask, language_ids, encoder_hidden_states,
+            encoder_attention_mask,
+        )  # fmt: skip
+        with warnings.catch_warnings():
+            # n-gram blocking over generated tokens only is what we want: the prompt holds speech placeholders.
+            warnings.filterwarnings("ignore", message="Passing `no_repeat_ngram_size` with `inputs_embeds`")
+            return self.language_model.generate(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs
+            )
+
+
+__all__ = ["PotsaForSpeechTranslation", "PotsaPreTrainedModel", "PotsaOutput", "PotsaProjector"]

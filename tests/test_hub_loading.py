@@ -1,0 +1,139 @@
+"""Checkpoints: what is saved, and loading with trust_remote_code in a fresh process without the package."""
+
+from __future__ import annotations
+
+import ast
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, WhisperConfig, WhisperModel
+
+from modeling_potsa import PotsaForSpeechTranslation
+
+from .conftest import SAMPLING_RATE, synthetic_audio
+
+REPO = Path(__file__).resolve().parents[1]
+CODE_FILES = {"configuration_potsa.py", "modeling_potsa.py", "bias_compensation.py", "processing_potsa.py", "audio.py"}
+ALLOWED_IMPORTS = {"torch", "transformers", "__future__"} | set(sys.stdlib_module_names)
+
+# Runs in a fresh interpreter in which `import modeling_potsa` is impossible: only the checkpoint's own code files
+# (through trust_remote_code) can provide the classes.
+FRESH_PROCESS_SCRIPT = """
+import sys
+sys.modules["modeling_potsa"] = None
+import numpy as np, torch
+from transformers import AutoModel, AutoProcessor
+for checkpoint, out in zip(sys.argv[1::2], sys.argv[2::2]):
+    model = AutoModel.from_pretrained(checkpoint, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)
+    batch = processor(np.load(checkpoint + "/clip.npy"), sampling_rate=16000, language="es", text="三月三日")
+    with torch.no_grad():
+        torch.save(model(**batch).logits, out)
+"""
+
+
+def _logits(model, processor, clip):
+    batch = processor(clip, sampling_rate=SAMPLING_RATE, language="es", text="三月三日")
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+@pytest.fixture(scope="module")
+def base_ids(tiny, tmp_path_factory):
+    """The tiny encoder and LLM saved as stand-alone base checkpoints, referenced by path like hub ids."""
+    model, _ = tiny
+    root = tmp_path_factory.mktemp("bases")
+    whisper = WhisperModel(WhisperConfig(**model.config.encoder_config.to_dict()))
+    whisper.encoder.load_state_dict(model.speech_encoder.state_dict())
+    whisper.save_pretrained(root / "whisper")
+    model.language_model.save_pretrained(root / "llm")
+    config = copy.deepcopy(model.config)
+    config.encoder_model_id, config.text_model_id = str(root / "whisper"), str(root / "llm")
+    return config
+
+
+def test_tiny_checkpoint_script_writes_a_complete_bundle(tmp_path):
+    out = tmp_path / "tiny"
+    subprocess.run([sys.executable, str(REPO / "examples/make_tiny_checkpoint.py"), "--out", str(out)], check=True)
+    names = {path.name for path in out.iterdir()}
+    assert CODE_FILES <= names and {"config.json", "model.safetensors", "processor_config.json"} <= names
+    assert not any(name.endswith((".bin", ".pt", ".pth")) for name in names)
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_potsa.PotsaConfig",
+        "AutoModel": "modeling_potsa.PotsaForSpeechTranslation",
+    }
+    assert {key.split(".")[0] for key in load_file(out / "model.safetensors")} >= {"speech_encoder", "language_model"}
+
+
+def test_trainable_only_checkpoint_and_full_bundle(tiny, base_ids, tmp_path):
+    _, processor = tiny
+    model = PotsaForSpeechTranslation.from_base_models(base_ids).eval()
+    model.save_pretrained(tmp_path / "trainable")
+    saved = load_file(tmp_path / "trainable/model.safetensors")
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert set(saved) == trainable  # no frozen encoder / LLM weight in the checkpoint
+    reloaded = PotsaForSpeechTranslation.from_pretrained(tmp_path / "trainable")
+    clip = synthetic_audio(1.5)
+    torch.testing.assert_close(_logits(reloaded, processor, clip), _logits(model, processor, clip), rtol=0, atol=0)
+
+    model.save_pretrained(tmp_path / "bundle", include_base_weights=True)
+    bundled = load_file(tmp_path / "bundle/model.safetensors")
+    assert set(bundled) == set(model.state_dict()) | {n for n, _ in model.named_parameters()}
+    assert not model.config.base_weights_in_checkpoint  # the option does not leak into the live model
+    assert json.loads((tmp_path / "bundle/config.json").read_text())["base_weights_in_checkpoint"] is True
+    offline = PotsaForSpeechTranslation.from_pretrained(tmp_path / "bundle")
+    torch.testing.assert_close(_logits(offline, processor, clip), _logits(model, processor, clip), rtol=0, atol=0)
+
+
+def test_base_model_mismatch_is_reported(base_ids, tmp_path):
+    config = copy.deepcopy(base_ids)
+    other = AutoModelForCausalLM.from_config(config.text_config.__class__(**{
+        **config.text_config.to_dict(), "hidden_size": 48, "intermediate_size": 96,
+    }))  # fmt: skip
+    other.save_pretrained(tmp_path / "other_llm")
+    config.text_model_id = str(tmp_path / "other_llm")
+    with pytest.raises(ValueError, match="hidden_size=48"):
+        PotsaForSpeechTranslation.from_base_models(config)
+
+
+def test_fresh_process_loads_with_trust_remote_code(tiny, base_ids, tmp_path):
+    """Both checkpoint kinds load in a bare process (HF_HUB_OFFLINE=1) and give identical logits."""
+    model, processor = tiny
+    clip = synthetic_audio(1.5)
+    with_ids = PotsaForSpeechTranslation.from_base_models(base_ids).eval()
+    arguments = []
+    for name, candidate in (("bundle", model), ("trainable", with_ids)):
+        candidate.save_pretrained(tmp_path / name)
+        processor.save_pretrained(tmp_path / name)
+        np.save(tmp_path / name / "clip.npy", clip)
+        arguments += [str(tmp_path / name), str(tmp_path / f"{name}.pt")]
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS_SCRIPT, *arguments], check=True, cwd=tmp_path, env=environment
+    )
+    for name, candidate in (("bundle", model), ("trainable", with_ids)):
+        expected = _logits(candidate, processor, clip)
+        torch.testing.assert_close(torch.load(tmp_path / f"{name}.pt"), expected, rtol=0, atol=0)
+
+
+def test_shipped_code_imports_only_stdlib_torch_transformers():
+    for name in CODE_FILES | {"__init__.py"}:
+        tree = ast.parse((REPO / "modeling_potsa" / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                roots = {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                roots = {node.module.split(".")[0]}
+            else:
+                continue
+            lazy = any(isinstance(parent, ast.FunctionDef) and node in ast.walk(parent) for parent in ast.walk(tree))
+            assert lazy or roots <= ALLOWED_IMPORTS, f"{name} imports {roots} at module level"
