@@ -25,6 +25,7 @@ LANGUAGE_NAMES: dict[str, str] = {
 }  # fmt: skip
 
 SPEECH_TOKEN = "<|speech|>"
+IGNORE_INDEX = -100  # label of prompt, speech and padding positions (PyTorch's cross-entropy default)
 
 # Qwen2.5-Instruct chat format; `<|speech|>` marks where the soft prompt goes, `{instruction}` the task text.
 QWEN_CHAT_TEMPLATE = (
@@ -258,4 +259,4 @@ class PotsaConfig(PreTrainedConfig):
         )
 
 
-__all__ = ["PotsaConfig", "LANGUAGE_NAMES", "SPEECH_TOKEN"]
+__all__ = ["PotsaConfig", "IGNORE_INDEX", "LANGUAGE_NAMES", "SPEECH_TOKEN"]

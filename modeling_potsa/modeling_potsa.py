@@ -27,7 +27,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from transformers.utils import logging as hf_logging
 
 from .bias_compensation import LanguageBiasCompensation, masked_time_mean
-from .configuration_potsa import PotsaConfig
+from .configuration_potsa import IGNORE_INDEX, PotsaConfig
 
 # Whisper checkpoints store the encoder under `model.encoder.` (ForConditionalGeneration) or `encoder.` (WhisperModel).
 _WHISPER_ENCODER_KEYS = {r"^model\.encoder\.": "", r"^encoder\.": ""}
@@ -54,6 +54,24 @@ class PotsaOutput(ModelOutput):
     pooled_speech: torch.FloatTensor | None = None
 
 
+@dataclass
+class PotsaSpeechOutput(ModelOutput):
+    """
+    Args:
+        soft_prompt (`torch.FloatTensor` of shape `(batch_size, num_query_tokens, llm_hidden_size)`):
+            What replaces the speech placeholders in the LLM input.
+        qformer_hidden_states (`tuple(torch.FloatTensor)`):
+            Query embeddings (index 0) and every Q-Former block's output, each `(batch_size, num_query_tokens,
+            qformer_hidden_size)`.
+        pooled_speech (`torch.FloatTensor` of shape `(batch_size, encoder_hidden_size)`):
+            Encoder frames averaged over valid frames, before bias compensation.
+    """
+
+    soft_prompt: torch.FloatTensor | None = None
+    qformer_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    pooled_speech: torch.FloatTensor | None = None
+
+
 class PotsaProjector(nn.Module):
     """Maps Q-Former outputs to the LLM's embedding width; the LayerNorm keeps the soft prompt at the scale the
     frozen LLM expects from its own embeddings."""
@@ -72,6 +90,8 @@ class PotsaPreTrainedModel(PreTrainedModel):
     config: PotsaConfig
     base_model_prefix = "potsa"
     main_input_name = "input_features"
+    # forward takes `num_items_in_batch`, so Trainer passes it and the CE is exact under gradient accumulation.
+    accepts_loss_kwargs = True
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _no_split_modules = ["WhisperEncoderLayer", "Blip2QFormerLayer", "Qwen2DecoderLayer"]
@@ -366,15 +386,16 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
         soft_prompt = soft_prompt.to(inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(placeholder.unsqueeze(-1), soft_prompt)
 
-    def _embed_inputs(
+    def encode(
         self,
-        input_ids: torch.Tensor,
-        input_features: torch.Tensor | None,
-        feature_attention_mask: torch.Tensor | None,
-        language_ids: torch.Tensor | None,
-        encoder_hidden_states: torch.Tensor | None,
-        encoder_attention_mask: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
+        input_features: torch.Tensor | None = None,
+        feature_attention_mask: torch.Tensor | None = None,
+        language_ids: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+    ) -> PotsaSpeechOutput:
+        """Speech -> soft prompt, without the LLM: features (or cached encoder frames) through bias compensation,
+        Q-Former and projector. What alignment metrics, bias estimation and language detection need."""
         if (input_features is None) == (encoder_hidden_states is None):
             raise ValueError(
                 "Pass exactly one of `input_features` (audio features) or `encoder_hidden_states` (cached encoder "
@@ -390,8 +411,7 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
                 else encoder_attention_mask.bool()
             )
         soft_prompt, qformer_states = self.speech_to_soft_prompt(frames, frame_mask, language_ids)
-        pooled_speech = masked_time_mean(frames, frame_mask)
-        return self._merge_soft_prompt(input_ids, soft_prompt), qformer_states, pooled_speech
+        return PotsaSpeechOutput(soft_prompt, qformer_states, masked_time_mean(frames, frame_mask))
 
     # -------------------------------------------------------------------------------------------------- interfaces
     def forward(
@@ -427,19 +447,27 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
                 Target tokens in the whole accumulated batch; the CE is a sum divided by it, so that gradient
                 accumulation gives the same update as one large batch.
         """
-        inputs_embeds, qformer_states, pooled_speech = self._embed_inputs(
-            input_ids, input_features, feature_attention_mask, language_ids, encoder_hidden_states,
-            encoder_attention_mask,
-        )  # fmt: skip
-        llm_kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
-        llm_output = self.language_model(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **llm_kwargs
+        speech = self.encode(
+            input_features, feature_attention_mask, language_ids, encoder_hidden_states, encoder_attention_mask
         )
+        inputs_embeds = self._merge_soft_prompt(input_ids, speech.soft_prompt)
+        llm_kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+        has_targets = labels is not None and bool((labels[:, 1:] != IGNORE_INDEX).any())
+        llm_output = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            labels=labels if has_targets else None,
+            **(llm_kwargs if has_targets else {}),
+        )
+        loss = llm_output.loss
+        if labels is not None and not has_targets:
+            # Rows without targets (audio that only joins the alignment loss): zero CE, not 0/0 = NaN.
+            loss = llm_output.logits.sum() * 0.0
         return PotsaOutput(
-            loss=llm_output.loss,
+            loss=loss,
             logits=llm_output.logits,
-            qformer_hidden_states=qformer_states if output_qformer_hidden_states else None,
-            pooled_speech=pooled_speech,
+            qformer_hidden_states=speech.qformer_hidden_states if output_qformer_hidden_states else None,
+            pooled_speech=speech.pooled_speech,
         )
 
     @torch.no_grad()
@@ -462,10 +490,10 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
         """
         if attention_mask is not None and (attention_mask[:, -1] == 0).any():
             raise ValueError("Prompts must be left-padded for generation: call the processor without target text.")
-        inputs_embeds, _, _ = self._embed_inputs(
-            input_ids, input_features, feature_attention_mask, language_ids, encoder_hidden_states,
-            encoder_attention_mask,
-        )  # fmt: skip
+        speech = self.encode(
+            input_features, feature_attention_mask, language_ids, encoder_hidden_states, encoder_attention_mask
+        )
+        inputs_embeds = self._merge_soft_prompt(input_ids, speech.soft_prompt)
         with warnings.catch_warnings():
             # n-gram blocking over generated tokens only is what we want: the prompt holds speech placeholders.
             warnings.filterwarnings("ignore", message="Passing `no_repeat_ngram_size` with `inputs_embeds`")
@@ -474,4 +502,4 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
             )
 
 
-__all__ = ["PotsaForSpeechTranslation", "PotsaPreTrainedModel", "PotsaOutput", "PotsaProjector"]
+__all__ = ["PotsaForSpeechTranslation", "PotsaPreTrainedModel", "PotsaOutput", "PotsaProjector", "PotsaSpeechOutput"]

@@ -15,10 +15,9 @@ import torch
 from transformers import BatchFeature, ProcessorMixin
 
 from .audio import load_waveform
-from .configuration_potsa import LANGUAGE_NAMES, SPEECH_TOKEN, TASK_INSTRUCTIONS, PotsaConfig
+from .configuration_potsa import IGNORE_INDEX, LANGUAGE_NAMES, SPEECH_TOKEN, TASK_INSTRUCTIONS, PotsaConfig
 
 TASKS = tuple(TASK_INSTRUCTIONS)
-IGNORE_INDEX = -100
 
 
 def _as_list(value: Any, batch_size: int, name: str) -> list[Any]:
@@ -201,27 +200,35 @@ class PotsaProcessor(ProcessorMixin):
         self,
         languages: Sequence[str],
         task: str = "translate",
-        text: str | Sequence[str] | None = None,
-        transcript: str | Sequence[str] | None = None,
+        text: str | Sequence[str | None] | None = None,
+        transcript: str | Sequence[str | None] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Prompt (+ target) ids: right-padded with labels when targets are given, left-padded prompts otherwise."""
+        """Prompt (+ target) ids for a batch.
+
+        Without any target (`text` and `transcript` None) the prompts are left-padded for `generate`. With targets
+        the rows are right-padded with `labels`; a row whose target is None (an utterance without a translation,
+        e.g. a zero-shot language that only joins the alignment loss) gets labels -100 everywhere.
+        """
         prompts = [self.prompt_ids(code, task) for code in languages]
         pad_id = self.tokenizer.pad_token_id
         if text is None and transcript is None:
-            input_ids = self._pad(prompts, left=True, value=pad_id)
-            return {"input_ids": input_ids, "attention_mask": self._pad([[1] * len(p) for p in prompts], True, 0)}
+            return {
+                "input_ids": self._pad(prompts, left=True, value=pad_id),
+                "attention_mask": self._pad([[1] * len(p) for p in prompts], left=True, value=0),
+            }
         texts = _as_list(text, len(prompts), "text")
         transcripts = _as_list(transcript, len(prompts), "transcript")
-        eos = [self.tokenizer.eos_token_id]
-        targets = [
-            self.tokenizer.encode(self.target_text(task, t, s), add_special_tokens=False) + eos
-            for t, s in zip(texts, transcripts)
-        ]
-        rows = [p + t for p, t in zip(prompts, targets)]
-        labels = [[IGNORE_INDEX] * len(p) + t for p, t in zip(prompts, targets)]
+        rows, labels = [], []
+        for prompt, row_text, row_transcript in zip(prompts, texts, transcripts):
+            target = []
+            if row_text is not None or (task == "transcribe" and row_transcript is not None):
+                target_text = self.target_text(task, row_text, row_transcript)
+                target = self.tokenizer.encode(target_text, add_special_tokens=False) + [self.tokenizer.eos_token_id]
+            rows.append(prompt + target)
+            labels.append([IGNORE_INDEX] * len(prompt) + target)
         return {
             "input_ids": self._pad(rows, left=False, value=pad_id),
-            "attention_mask": self._pad([[1] * len(r) for r in rows], False, 0),
+            "attention_mask": self._pad([[1] * len(r) for r in rows], left=False, value=0),
             "labels": self._pad(labels, left=False, value=IGNORE_INDEX),
         }
 

@@ -169,3 +169,19 @@ def test_lora_is_optional_and_trainable(tiny):
     lora_names = [name for name, p in lora_model.named_parameters() if p.requires_grad and "lora_" in name]
     assert lora_names and all(name.startswith("language_model.") for name in lora_names)
     assert not any("lora_" in name for name, _ in model.named_parameters())
+
+
+def test_rows_without_targets_add_no_loss_and_no_nan(tiny_model, tiny_processor):
+    """Unlabeled audio (zero-shot languages joining only the OT loss) must not turn the CE into 0/0."""
+    audio = [synthetic_audio(1.0, seed=9), synthetic_audio(1.5, seed=10)]
+    mixed = tiny_processor(audio, sampling_rate=SAMPLING_RATE, language=["ko", "es"], text=[None, "三"])
+    assert (mixed["labels"][0] == IGNORE_INDEX).all()
+    labeled = tiny_processor(audio[1], sampling_rate=SAMPLING_RATE, language="es", text="三")
+    width = labeled["input_ids"].shape[1]
+    assert torch.isfinite(tiny_model(**mixed).loss)
+    torch.testing.assert_close(tiny_model(**mixed).logits[1, :width], tiny_model(**labeled).logits[0])
+    unlabeled = tiny_processor(audio, sampling_rate=SAMPLING_RATE, language=["ko", "es"], text=[None, None])
+    model = copy.deepcopy(tiny_model).train()
+    loss = model(**unlabeled, num_items_in_batch=0).loss
+    assert loss.item() == 0.0
+    loss.backward()
