@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ import torch
 from modeling_potsa.tiny import build_tiny_potsa
 
 SAMPLING_RATE = 16_000
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the network; fail fast instead of retrying
 
 
 def synthetic_audio(seconds: float, seed: int = 0, sampling_rate: int = SAMPLING_RATE) -> np.ndarray:
