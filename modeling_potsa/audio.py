@@ -102,6 +102,8 @@ def _as_float_tensor(samples: Any) -> torch.Tensor:
 
 
 def _to_mono(tensor: torch.Tensor, time_major: bool, downmix: bool) -> torch.Tensor:
+    if tensor.numel() == 0:
+        raise ValueError(f"Empty audio: the array of shape {tuple(tensor.shape)} has no samples.")
     if tensor.ndim == 1:
         return tensor
     if tensor.ndim != 2:

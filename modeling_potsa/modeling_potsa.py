@@ -28,6 +28,7 @@ from transformers.utils import logging as hf_logging
 
 from .bias_compensation import LanguageBiasCompensation, masked_time_mean
 from .configuration_potsa import IGNORE_INDEX, PotsaConfig
+from .pipeline_potsa import custom_pipelines
 
 # Whisper checkpoints store the encoder under `model.encoder.` (ForConditionalGeneration) or `encoder.` (WhisperModel).
 _WHISPER_ENCODER_KEYS = {r"^model\.encoder\.": "", r"^encoder\.": ""}
@@ -186,8 +187,17 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
     def freeze_base_models(self) -> None:
         """The paper trains only the connector: freeze encoder and LLM; the bias table follows `train_bias`."""
         self.speech_encoder.requires_grad_(False)
-        self.language_model.requires_grad_(False)
+        for name, param in self.language_model.named_parameters():
+            param.requires_grad_("lora_" in name)  # LoRA adapters, when enabled, are the LLM's only trainable part
         self.bias_compensation.requires_grad_(self.config.use_bias_compensation and self.config.train_bias)
+
+    def train(self, mode: bool = True) -> PotsaForSpeechTranslation:
+        """Training mode for the connector only: the frozen encoder and LLM stay in eval mode (no dropout, no layer
+        drop), so their outputs match a cache and the paper's frozen setup; LoRA adapters, if any, train."""
+        super().train(mode)
+        self.speech_encoder.eval()
+        self.language_model.train(mode and self.config.use_lora)
+        return self
 
     def _add_lora(self, language_model: nn.Module) -> nn.Module:
         from peft import LoraConfig, get_peft_model  # optional dependency, only when LoRA is asked for
@@ -235,7 +245,9 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
             hub_kwargs = {key: kwargs[key] for key in hub_keys if key in kwargs}
             config = PotsaConfig.from_pretrained(config or pretrained_model_name_or_path, **hub_kwargs)
         if config.base_weights_in_checkpoint or not (config.encoder_model_id and config.text_model_id):
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+            model = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+            model.freeze_base_models()  # loaded tensors come back as fresh, trainable parameters
+            return model
         base_keys = ("dtype", "cache_dir", "local_files_only", "token", "attn_implementation")
         base_models = cls._load_base_models(config, **{key: kwargs[key] for key in base_keys if key in kwargs})
         kwargs["speech_encoder"], kwargs["language_model"] = base_models
@@ -286,6 +298,9 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
                 Also store the frozen encoder and LLM, for fully offline bundles (the tiny demo). Never use it for
                 a checkpoint on top of a 7B LLM that is on the Hub already.
         """
+        # config.json names the speech-translation pipeline, so `pipeline("translation", model=dir,
+        # trust_remote_code=True)` finds it (transformers copies pipeline_potsa.py, a relative import of this file).
+        self.config.custom_pipelines = custom_pipelines()
         if not include_base_weights or self.config.base_weights_in_checkpoint:
             return super().save_pretrained(save_directory, *args, **kwargs)
         self.config.base_weights_in_checkpoint = True

@@ -12,6 +12,7 @@ from modeling_potsa.tiny import build_tiny_potsa
 
 SAMPLING_RATE = 16_000
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the network; fail fast instead of retrying
+torch.set_num_threads(1)  # tiny models gain nothing from a second thread, and lose a lot when it is busy
 
 
 def synthetic_audio(seconds: float, seed: int = 0, sampling_rate: int = SAMPLING_RATE) -> np.ndarray:

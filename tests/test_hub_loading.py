@@ -137,3 +137,12 @@ def test_shipped_code_imports_only_stdlib_torch_transformers():
                 continue
             lazy = any(isinstance(parent, ast.FunctionDef) and node in ast.walk(parent) for parent in ast.walk(tree))
             assert lazy or roots <= ALLOWED_IMPORTS, f"{name} imports {roots} at module level"
+
+
+def test_loaded_bundle_keeps_base_models_frozen(tiny, tmp_path):
+    model, _ = tiny
+    model.save_pretrained(tmp_path)
+    loaded = PotsaForSpeechTranslation.from_pretrained(tmp_path)
+    trainable = {name for name, p in loaded.named_parameters() if p.requires_grad}
+    assert trainable == {name for name, p in model.named_parameters() if p.requires_grad}
+    assert not any(name.startswith(("speech_encoder.", "language_model.")) for name in trainable)

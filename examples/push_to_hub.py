@@ -1,0 +1,155 @@
+"""Publish a POTSA checkpoint on the Hugging Face Hub: build the exact folder, then `upload_folder` it.
+
+    python examples/push_to_hub.py --checkpoint DIR --repo-id USER/NAME [--results results.json] [--dry-run OUT_DIR]
+
+The folder is written by the same `save_pretrained` calls a user's load relies on, never copied by hand:
+
+- config.json with `auto_map` and `custom_pipelines` ("translation", "speech-translation");
+- the code files (`modeling_potsa/*.py` that the model and processor import, pipeline_potsa.py included), so that
+  `trust_remote_code=True` works without `pip install potsa`;
+- model.safetensors with the trained weights only. The frozen encoder and LLM are loaded from `encoder_model_id` /
+  `text_model_id` at `from_pretrained`; only a self-contained bundle (ids unset, or saved with
+  `include_base_weights=True`, like the tiny demo) carries them;
+- the processor and tokenizer files;
+- README.md rendered from model_card.md with the config and the evaluation's results.json (`training/evaluation.py`
+  `write_results`): scores are never typed by hand.
+
+Loading the checkpoint loads its frozen base models too (from the local cache), which doubles as the check that it
+loads at all. `--dry-run OUT_DIR` writes the folder and lists it without uploading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
+
+from modeling_potsa import PotsaForSpeechTranslation, PotsaProcessor  # noqa: E402
+from modeling_potsa.configuration_potsa import PotsaConfig  # noqa: E402
+
+MODEL_CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "model_card.md"
+
+
+def _eval_results(results: dict[str, Any], config: PotsaConfig, dataset: str, dataset_name: str) -> list[EvalResult]:
+    """model-index entries: BLEU per source language (the language code stands in for the dataset config)."""
+    target = config.target_language
+    return [
+        EvalResult(
+            task_type="translation",
+            task_name=f"Speech translation into {config.language_name(target)}",
+            dataset_type=dataset,
+            dataset_name=dataset_name,
+            dataset_config=code,
+            metric_type="bleu",
+            metric_value=round(scores["bleu"], 2),
+            metric_name=f"BLEU ({code} -> {target})",
+        )
+        for code, scores in results["per_language"].items()
+    ]
+
+
+def render_model_card(
+    model: PotsaForSpeechTranslation,
+    processor: PotsaProcessor,
+    repo_id: str,
+    results: dict[str, Any] | None = None,
+    dataset: str = "google/fleurs",
+    dataset_name: str = "FLEURS",
+    license_id: str = "apache-2.0",
+) -> ModelCard:
+    """README.md of the Hub repo: model_card.md filled from the model's config and `results` (a results.json)."""
+    config = model.config
+    results = results or {}
+    sources = list(config.languages)
+    bundled = config.base_weights_in_checkpoint or not (config.encoder_model_id and config.text_model_id)
+    base_models = [model_id for model_id in (config.encoder_model_id, config.text_model_id) if model_id]
+    model_name = repo_id.split("/")[-1]
+    card_data = ModelCardData(
+        language=sorted({*sources, config.target_language}),
+        license=license_id,
+        library_name="transformers",
+        pipeline_tag="translation",
+        tags=["speech-translation", "audio", "potsa", "optimal-transport", "custom_code"],
+        base_model=base_models or None,
+        datasets=[dataset],
+        model_name=model_name,
+        eval_results=_eval_results(results, config, dataset, dataset_name) if results.get("per_language") else None,
+    )
+    qformer = config.qformer_config
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(MODEL_CARD_TEMPLATE),
+        model_name=model_name,
+        repo_id=repo_id,
+        languages=sources,
+        source_language_names=", ".join(config.language_name(code) for code in sources),
+        target_language=config.target_language,
+        target_language_name=config.language_name(config.target_language),
+        example_language=sources[0],
+        encoder=config.encoder_model_id or f"{config.encoder_config.model_type} (bundled)",
+        language_model=config.text_model_id or f"{config.text_config.model_type} (bundled)",
+        qformer_layers=qformer.num_hidden_layers,
+        qformer_width=qformer.hidden_size,
+        num_query_tokens=config.num_query_tokens,
+        stored_parameters=sum(tensor.numel() for tensor in model.state_dict().values()),  # what save_pretrained writes
+        total_parameters=model.num_parameters_by_part()["total"],
+        weights_bundled=bundled,
+        window_seconds=f"{processor.max_seconds:g}",
+        dataset_name=dataset_name,
+        bleu_tokenize="zh" if config.target_language == "zh" else "13a",
+        per_language=results.get("per_language", {}),
+        groups=results.get("groups", {}),
+        alignment=results.get("alignment", {}),
+    )
+
+
+def build_release_folder(
+    checkpoint: str | Path, out_dir: str | Path, repo_id: str, results: dict[str, Any] | None = None, **card_kwargs: Any
+) -> list[tuple[str, int]]:
+    """Write everything the Hub repo will hold into an empty `out_dir`; returns (file name, bytes) sorted by name."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ValueError(f"{out_dir} is not empty: every file in it would be uploaded. Use a new directory.")
+    model = PotsaForSpeechTranslation.from_pretrained(checkpoint)
+    processor = PotsaProcessor.from_pretrained(checkpoint)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    render_model_card(model, processor, repo_id, results, **card_kwargs).save(out_dir / "README.md")
+    return sorted((path.name, path.stat().st_size) for path in out_dir.iterdir())
+
+
+def main(argv: list[str] | None = None) -> list[tuple[str, int]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, type=Path, help="a directory written by save_pretrained")
+    parser.add_argument("--repo-id", required=True, help="USER/NAME of the Hub model repo")
+    parser.add_argument("--results", type=Path, help="results.json of training/evaluation.py for the model card")
+    parser.add_argument("--dataset", default="google/fleurs", help="Hub id of the evaluation dataset")
+    parser.add_argument("--dataset-name", default="FLEURS", help="its display name in the model card")
+    parser.add_argument("--private", action="store_true", help="create the repo as private")
+    parser.add_argument("--dry-run", type=Path, metavar="OUT_DIR", help="write the folder here and do not upload")
+    args = parser.parse_args(argv)
+    results = json.loads(args.results.read_text()) if args.results else None
+    card_kwargs = {"dataset": args.dataset, "dataset_name": args.dataset_name}
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = args.dry_run or Path(scratch)
+        files = build_release_folder(args.checkpoint, folder, args.repo_id, results, **card_kwargs)
+        for name, size in files:
+            print(f"{size:>14,}  {name}")
+        print(f"{sum(size for _, size in files):>14,}  total ({len(files)} files in {folder})")
+        if args.dry_run is None:
+            api = HfApi()
+            api.create_repo(args.repo_id, private=args.private, exist_ok=True)
+            commit = api.upload_folder(repo_id=args.repo_id, folder_path=folder, commit_message="Upload POTSA model")
+            print(f"uploaded: {commit}")
+    return files
+
+
+if __name__ == "__main__":
+    main()
