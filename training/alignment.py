@@ -1,0 +1,203 @@
+r"""Pair the parallel utterances of a batch and turn their Q-Former states into POTSA's OT alignment loss.
+
+A POTSA batch holds utterances of the same sentences in several languages, described per utterance by a sentence
+id and a language. A *pair* ``(i, j)`` of batch indices joins two utterances of one sentence in two different
+languages; two utterances of a sentence in the same language are never a pair. The loss over the pairs ``P`` at
+the scheduled Q-Former layer is
+
+.. math::
+
+    \mathcal{L}_{\text{OT}} = \frac{1}{|P|} \sum_{(i, j) \in P} S_\varepsilon(H_i, H_j)
+
+with ``H_i`` of shape ``(num_queries, hidden_size)`` the query states of utterance ``i`` and ``S_eps`` the
+Sinkhorn divergence of `modeling_potsa.optimal_transport.sinkhorn_divergence`. Query states have no padding, so
+no masks are passed.
+
+Strategies (the paper's ablation; ``random_pairwise`` is POTSA's choice):
+
+- ``random_pairwise``: every utterance is aligned with a random parallel utterance in another language, so all
+  languages pull towards each other, no language is privileged, and both sides get gradients. Pairs are
+  unordered, written ``(smaller index, larger index)``.
+- ``english_anchor``: every non-anchor utterance is paired with an anchor-language utterance of its sentence;
+  both sides get gradients. Sentences without an anchor-language utterance give no pair.
+- ``english_anchor_frozen``: the same pairs, with the anchor side detached: the anchor is a fixed target that
+  only the other languages move towards.
+
+For both anchor strategies the anchor is always the *second* element of a pair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from modeling_potsa.optimal_transport import sinkhorn_divergence
+
+ALIGNMENT_STRATEGIES = ("random_pairwise", "english_anchor", "english_anchor_frozen")
+_ANCHOR_STRATEGIES = ("english_anchor", "english_anchor_frozen")
+
+
+def _check_strategy(strategy: str) -> None:
+    if strategy not in ALIGNMENT_STRATEGIES:
+        raise ValueError(f"Unknown alignment strategy {strategy!r}; choose one of {list(ALIGNMENT_STRATEGIES)}.")
+
+
+def _random_pairs(
+    members: list[int], languages: Sequence[str], partners: int, generator: torch.Generator | None
+) -> list[tuple[int, int]]:
+    pairs: dict[tuple[int, int], None] = {}  # an ordered set: (i, j) and (j, i) are one pair
+    for i in members:
+        others = [j for j in members if languages[j] != languages[i]]
+        if not others:
+            continue
+        for k in torch.randperm(len(others), generator=generator)[:partners].tolist():
+            pairs[min(i, others[k]), max(i, others[k])] = None
+    return list(pairs)
+
+
+def _anchor_pairs(
+    members: list[int], languages: Sequence[str], anchor_language: str, generator: torch.Generator | None
+) -> list[tuple[int, int]]:
+    anchors = [j for j in members if languages[j] == anchor_language]
+    if not anchors:
+        return []
+    pairs = []
+    for i in members:
+        if languages[i] != anchor_language:
+            # Several recordings of the anchor sentence: draw one per pair so each gets used.
+            k = int(torch.randint(len(anchors), (), generator=generator)) if len(anchors) > 1 else 0
+            pairs.append((i, anchors[k]))
+    return pairs
+
+
+def find_parallel_pairs(
+    sentence_ids: Sequence[str],
+    languages: Sequence[str],
+    strategy: str,
+    anchor_language: str = "en",
+    generator: torch.Generator | None = None,
+    partners_per_utterance: int = 1,
+) -> list[tuple[int, int]]:
+    """Pairs of batch indices that share a sentence id and differ in language, chosen by ``strategy``.
+
+    Under ``random_pairwise`` every utterance draws ``partners_per_utterance`` distinct partners uniformly among
+    its sentence's utterances in other languages; a pair drawn from both ends is kept once. A sentence recorded
+    once in each of ``k`` languages thus gives, with one partner, between ``ceil(k / 2)`` and ``k`` pairs (exactly
+    one for ``k = 2``): every utterance takes part at every step, the OT cost grows linearly in ``k`` like the
+    anchor strategies' ``k - 1`` pairs, and over steps every language pair is drawn. ``partners_per_utterance >=
+    k - 1`` gives all ``k (k - 1) / 2`` pairs.
+
+    Args:
+        sentence_ids (`Sequence[str]`):
+            Per utterance, the id of its sentence (utterances of one sentence are parallel).
+        languages (`Sequence[str]`):
+            Per utterance, its language code.
+        strategy (`str`):
+            One of `ALIGNMENT_STRATEGIES` (see the module docstring).
+        anchor_language (`str`, *optional*, defaults to "en"):
+            The anchor language of the anchor strategies; ignored by ``random_pairwise``.
+        generator (`torch.Generator`, *optional*):
+            Source of the random draws (CPU); ``None`` uses torch's global generator.
+        partners_per_utterance (`int`, *optional*, defaults to 1):
+            Partners each utterance draws under ``random_pairwise``.
+
+    Returns:
+        `list[tuple[int, int]]`: the pairs, grouped by sentence in order of first appearance; for the anchor
+        strategies the anchor-language utterance is second.
+    """
+    _check_strategy(strategy)
+    if len(sentence_ids) != len(languages):
+        raise ValueError(
+            f"Got {len(sentence_ids)} sentence ids but {len(languages)} languages; give both per utterance."
+        )
+    if partners_per_utterance < 1:
+        raise ValueError(f"partners_per_utterance must be >= 1; got {partners_per_utterance}.")
+    groups: dict[str, list[int]] = {}
+    for index, sentence_id in enumerate(sentence_ids):
+        groups.setdefault(sentence_id, []).append(index)
+    pairs = []
+    for members in groups.values():
+        if strategy == "random_pairwise":
+            pairs += _random_pairs(members, languages, partners_per_utterance, generator)
+        else:
+            pairs += _anchor_pairs(members, languages, anchor_language, generator)
+    return pairs
+
+
+def _check_pairs(
+    pairs: Sequence[tuple[int, int]],
+    batch_size: int,
+    strategy: str,
+    languages: Sequence[str] | None,
+    anchor_language: str,
+) -> None:
+    if languages is not None and len(languages) != batch_size:
+        raise ValueError(f"Got {len(languages)} languages for a batch of {batch_size} utterances; give one each.")
+    for i, j in pairs:
+        if not (0 <= i < batch_size and 0 <= j < batch_size):
+            raise ValueError(f"Pair ({i}, {j}) points outside the batch of {batch_size} utterances.")
+        if i == j:
+            raise ValueError(f"Pair ({i}, {j}) pairs an utterance with itself; pairs join two different utterances.")
+        if languages is None:
+            continue
+        if languages[i] == languages[j]:
+            raise ValueError(
+                f"Pair ({i}, {j}) joins two {languages[i]!r} utterances; pairs must differ in language "
+                "(build them with find_parallel_pairs)."
+            )
+        if strategy in _ANCHOR_STRATEGIES and languages[j] != anchor_language:
+            raise ValueError(
+                f"Pair ({i}, {j}) has {languages[j]!r} second, but {strategy!r} needs the anchor language "
+                f"{anchor_language!r} second; write the pair as (other, anchor)."
+            )
+
+
+def alignment_loss(
+    states: torch.Tensor,
+    pairs: Sequence[tuple[int, int]],
+    strategy: str,
+    *,
+    languages: Sequence[str] | None = None,
+    anchor_language: str = "en",
+    blur: float = 0.05,
+    mode: str = "geomloss",
+    **ot_kwargs: Any,
+) -> torch.Tensor:
+    """Mean Sinkhorn divergence over ``pairs`` of the Q-Former states at one layer.
+
+    Args:
+        states (`torch.Tensor` of shape `(batch_size, num_queries, hidden_size)`):
+            Query states of every utterance of the batch at the scheduled layer.
+        pairs (`Sequence[tuple[int, int]]`):
+            Batch index pairs, usually from `find_parallel_pairs` with the same ``strategy``.
+        strategy (`str`):
+            One of `ALIGNMENT_STRATEGIES`; ``english_anchor_frozen`` detaches the second (anchor) side.
+        languages (`Sequence[str]`, *optional*):
+            Per utterance, its language; when given, every pair is checked to join two languages and, for the
+            anchor strategies, to have ``anchor_language`` second.
+        anchor_language (`str`, *optional*, defaults to "en"):
+            Used only for that check.
+        blur (`float`, *optional*, defaults to 0.05), mode (`str`, *optional*, defaults to "geomloss"), ot_kwargs:
+            Passed to `sinkhorn_divergence`.
+
+    Returns:
+        `torch.Tensor`: a scalar. With no pair it is a zero that stays in the graph of ``states`` (backward gives
+        zero gradients), so a batch without parallel utterances needs no special case.
+    """
+    _check_strategy(strategy)
+    if states.dim() != 3:
+        raise ValueError(f"states must be (batch_size, num_queries, hidden_size); got shape {tuple(states.shape)}.")
+    _check_pairs(pairs, states.shape[0], strategy, languages, anchor_language)
+    if not pairs:
+        return states.sum() * 0.0
+    index = torch.tensor(pairs, device=states.device)  # (num_pairs, 2)
+    first = states[index[:, 0]]  # (num_pairs, num_queries, hidden_size)
+    second = states[index[:, 1]]  # (num_pairs, num_queries, hidden_size)
+    if strategy == "english_anchor_frozen":
+        second = second.detach()
+    return sinkhorn_divergence(first, second, blur=blur, mode=mode, **ot_kwargs).mean()
+
+
+__all__ = ["ALIGNMENT_STRATEGIES", "alignment_loss", "find_parallel_pairs"]
