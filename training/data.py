@@ -39,6 +39,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import soundfile
 import torch
 from safetensors import safe_open
@@ -81,10 +82,37 @@ def _progress(iterable: Iterable, desc: str, total: int | None = None) -> Iterab
     return tqdm(iterable, desc=desc, total=total, disable=_rank_and_world_size()[0] != 0)
 
 
+def _table_rows(table: pa.Table) -> list[dict[str, Any]]:
+    """Arrow rows as dicts. PCM arrays ({"array": list<...>, "sampling_rate"} audio) become numpy views of the Arrow
+    buffers with their stored dtype: converting 40k-sample Python lists costs more than the rest of the audio path.
+    Everything else comes as `to_pylist` gives it (the same values as `dataset[i]`)."""
+    columns: dict[str, list[Any]] = {}
+    for name in table.column_names:
+        column = table.column(name).combine_chunks()
+        is_pcm = pa.types.is_struct(column.type) and column.type.get_field_index("array") >= 0
+        if is_pcm and column.null_count == 0 and column.field("array").null_count == 0:
+            arrays = column.field("array")
+            offsets = arrays.offsets.to_numpy()
+            values = arrays.values.to_numpy(zero_copy_only=False).copy()  # writable: torch refuses read-only views
+            rates = column.field("sampling_rate").to_pylist()
+            columns[name] = [
+                {"array": values[offsets[i] : offsets[i + 1]], "sampling_rate": rates[i]} for i in range(len(column))
+            ]
+        else:
+            columns[name] = column.to_pylist()
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]
+
+
 def _rows(dataset: datasets.Dataset, indices: Sequence[int]) -> list[dict[str, Any]]:
     """Rows `indices` of `dataset` as dicts, read in one batched access."""
-    columns = dataset[list(indices)]  # {column: [value per row]}
-    return [dict(zip(columns, values)) for values in zip(*columns.values())]
+    return _table_rows(dataset.with_format("arrow")[list(indices)])
+
+
+def iter_rows(dataset: datasets.Dataset, batch_size: int = 512) -> Iterator[dict[str, Any]]:
+    """Every row of `dataset` as a dict, read in contiguous Arrow batches (several times faster than row access)."""
+    formatted = dataset.with_format("arrow")
+    for start in range(0, len(dataset), batch_size):
+        yield from _table_rows(formatted[start : start + batch_size])
 
 
 # ---------------------------------------------------------------------------------------------------------- audio
@@ -101,18 +129,19 @@ def _decode_bytes(data: bytes, name: str | None) -> dict[str, Any]:
     return {"array": _mono(samples), "sampling_rate": int(sampling_rate)}
 
 
-def _samples(array: Any) -> Any:
-    """Typed arrays pass through. A list of Python ints is what `datasets` returns for an Arrow int16 or int32 PCM
-    column (the dtype is lost on the way), so it becomes int16 when every value fits and int32 otherwise;
-    `load_waveform` then scales it to [-1, 1]. (Only int32 audio quieter than -96 dBFS could be misread, and that
-    is refused as silent either way.)"""
-    if not isinstance(array, list):
-        return array
+def _samples(array: Any) -> np.ndarray:
+    """One canonical array per recording, whichever way it was read: `datasets` hands an Arrow int16/int32 PCM
+    column back as Python ints (the dtype is lost on the way), so integers become int16 when every value fits and
+    int32 otherwise; floats become float32. The same samples read as a list or as an Arrow buffer thus decode (and
+    hash, see `utterance_key`) identically; `load_waveform` scales integer PCM to [-1, 1]. (Only int32 audio
+    quieter than -96 dBFS could be misread, and that is refused as silent either way.)"""
     samples = np.asarray(array)
-    if samples.dtype.kind != "i":
+    if samples.dtype.kind == "f":
+        return samples.astype(np.float32, copy=False)
+    if samples.dtype.kind not in "iu" or samples.size == 0:
         return samples
     fits_int16 = samples.min() >= -(2**15) and samples.max() < 2**15
-    return samples.astype(np.int16 if fits_int16 else np.int32)
+    return samples.astype(np.int16 if fits_int16 else np.int32, copy=False)
 
 
 def audio_input(audio: Any) -> dict[str, Any]:
@@ -444,7 +473,7 @@ def validate_examples(
     allowed = set(processor.languages if languages is None else languages)
     dropped: Counter[str] = Counter()
     keep = []
-    for index, row in enumerate(_progress(dataset, "Checking audio")):
+    for index, row in enumerate(_progress(iter_rows(dataset), "Checking audio", total=len(dataset))):
         problem = row_problem(row, allowed, processor)
         if problem is None:
             keep.append(index)
@@ -859,7 +888,7 @@ class EncoderCache:
         """`dataset` with an `utterance_key` column instead of `audio`, for training from the cache: a batch then
         costs a frame lookup only (no audio is read from the rows to find their keys), and DataLoader workers
         receive small rows. Every utterance must already be cached."""
-        keys = [utterance_key(row) for row in dataset]
+        keys = [utterance_key(row) for row in iter_rows(dataset)]
         missing = sum(key not in self for key in keys)
         if missing:
             raise ValueError(f"{missing} of {len(keys)} utterances are not in the encoder cache {self.cache_dir!r}; "
@@ -924,7 +953,7 @@ def cache_encoder_outputs(
         _write_metadata(cache_dir, fingerprint, hidden_size, [])
     existing = EncoderCache(cache_dir, fingerprint)
     shards = existing.shards
-    todo = {key: index for index, key in enumerate(map(utterance_key, dataset)) if key not in existing}
+    todo = {key: index for index, key in enumerate(map(utterance_key, iter_rows(dataset))) if key not in existing}
     keys, indices = list(todo), list(todo.values())
     pending: dict[str, torch.Tensor] = {}
     starts = range(0, len(indices), batch_size)

@@ -1,0 +1,165 @@
+"""training/run.py end to end on tiny models and eSpeak speech: learning, logs, resume, accumulation, DDP, freezing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import WhisperConfig, WhisperModel
+
+from benchmarks.corpus import generate_corpus
+from modeling_potsa import PotsaForSpeechTranslation
+from modeling_potsa.tiny import build_tiny_potsa
+from training.run import run
+from training.trainer import check_frozen
+
+REPO = Path(__file__).resolve().parents[1]
+LANGUAGES = ["en", "es", "ja", "de"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """24 parallel utterances (8 sentences x en/es/ja) for training, a few for evaluation, de held out."""
+    out = tmp_path_factory.mktemp("corpus") / "corpus"
+    generate_corpus(LANGUAGES, out_dir=str(out), num_sentences={"train": 8, "validation": 3, "test": 3}, workers=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model_yaml(tmp_path_factory) -> Path:
+    """A model config naming base checkpoints by path, exactly as the real one names hub ids."""
+    root = tmp_path_factory.mktemp("bases")
+    model, processor = build_tiny_potsa(languages=LANGUAGES, seed=1)
+    whisper = WhisperModel(WhisperConfig(**model.config.encoder_config.to_dict()))
+    whisper.encoder.load_state_dict(model.speech_encoder.state_dict())
+    whisper.save_pretrained(root / "encoder")
+    processor.feature_extractor.save_pretrained(root / "encoder")
+    model.language_model.save_pretrained(root / "llm")
+    processor.tokenizer.save_pretrained(root / "llm")
+    settings = {
+        "encoder_model_id": str(root / "encoder"),
+        "text_model_id": str(root / "llm"),
+        "languages": LANGUAGES,
+        "num_query_tokens": 8,
+        "prompt_template": model.config.prompt_template,
+        "qformer_config": {
+            **{k: model.config.qformer_config.to_dict()[k] for k in ("hidden_size", "num_hidden_layers")},
+            "num_attention_heads": 2, "intermediate_size": 64, "cross_attention_frequency": 1,
+            "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+        },  # fmt: skip
+    }
+    path = root / "model.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def settings(corpus: Path, model_yaml: Path, out: Path, **overrides) -> list[str]:
+    base = {
+        "model_config": str(model_yaml), "init_from": None, "data_source": "disk", "data_path": str(corpus), "output_dir": str(out),
+        "train_languages": ["en", "es", "ja"], "zero_shot_languages": ["de"], "task": "translate",
+        "per_device_train_batch_size": 6, "per_device_eval_batch_size": 8, "learning_rate": 3e-3,
+        "max_steps": 6, "warmup_steps": 0, "logging_steps": 1, "save_strategy": "steps", "save_steps": 3, "eval_strategy": "no", "report_to": [],
+        "use_cpu": True, "seed": 3, "dataloader_num_workers": 0, "generation_max_new_tokens": 8,
+        "ot_loss_weight": 1.0, "ot_candidate_layers": [1, 2, 3], "disable_tqdm": True,
+    }  # fmt: skip
+    base.update(overrides)
+    return [f"{key}={json.dumps(value)}" for key, value in base.items()]
+
+
+def train(corpus, model_yaml, out, **overrides):
+    config = REPO / "training/configs/tiny_stage3_potsa.yaml"
+    return run(["--config", str(config), *settings(corpus, model_yaml, out, **overrides)])
+
+
+def losses(trainer) -> dict[int, float]:
+    return {entry["step"]: entry["loss"] for entry in trainer.state.log_history if "loss" in entry}
+
+
+def test_stage_learns_logs_ot_and_saves_trainable_parts(corpus, model_yaml, tmp_path):
+    """Random tiny bases give nearly identical soft prompts, so the loss can only fall to the targets' marginal
+    entropy: a modest but steady drop. LoRA is on, which also checks that adapters train and are saved."""
+    trainer = train(corpus, model_yaml, tmp_path / "run", max_steps=24, save_steps=100, estimate_bias=True,
+                    use_lora=True, lora_target_modules=["q_proj", "v_proj", "down_proj"])  # fmt: skip
+    curve = list(losses(trainer).values())
+    assert curve[-1] < 0.92 * curve[0] and sum(curve[-4:]) < sum(curve[4:8]) < sum(curve[:4]), curve
+    logged = [entry for entry in trainer.state.log_history if "ot" in entry]
+    assert logged and all(entry["ot_layer"] in (1, 2, 3) for entry in logged)
+    assert sum(logged[-1][f"ot_picks_layer_{layer}"] for layer in (1, 2, 3)) == 24
+    assert all(key in logged[0] for key in ("ce", "weighted_ot"))
+    saved = load_file(tmp_path / "run/model.safetensors")
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert set(saved) == trainable and any("lora_" in name for name in saved)  # base weights: from their paths
+    assert {"modeling_potsa.py", "processor_config.json"} <= {p.name for p in (tmp_path / "run").iterdir()}
+    assert trainer.model.bias_compensation.bias.abs().sum() > 0  # estimated before training
+    results = json.loads((tmp_path / "run/results.json").read_text())
+    assert set(results["per_language"]) == {"en", "es", "ja", "de"} and "zero_shot" in results["groups"]
+    reloaded = PotsaForSpeechTranslation.from_pretrained(tmp_path / "run")
+    torch.testing.assert_close(reloaded.query_tokens, trainer.model.query_tokens)
+
+
+def test_resume_gives_the_uninterrupted_loss_curve(corpus, model_yaml, tmp_path):
+    full = train(corpus, model_yaml, tmp_path / "full")
+    assert (tmp_path / "full/checkpoint-3").is_dir()
+    resumed = train(corpus, model_yaml, tmp_path / "full", resume_from_checkpoint=str(tmp_path / "full/checkpoint-3"))
+    expected, got = losses(full), losses(resumed)
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]  # steps 1-3 come back from the checkpoint's log history
+    for step in (4, 5, 6):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), (step, got, expected)
+    full_state = full.layer_callback.scheduler.state_dict()
+    assert resumed.layer_callback.scheduler.state_dict() == full_state
+
+
+def test_gradient_accumulation_equals_one_large_batch(corpus, model_yaml, tmp_path):
+    common = {"max_steps": 1, "save_steps": 100, "max_train_samples": 4, "train_languages": ["en", "es"],
+              "zero_shot_languages": [], "eval_split": None, "learning_rate": 1e-2, "optim": "sgd",
+              "lr_scheduler_type": "constant"}  # fmt: skip
+    large = train(corpus, model_yaml, tmp_path / "large", per_device_train_batch_size=4, **common)
+    small = train(corpus, model_yaml, tmp_path / "small", per_device_train_batch_size=2,
+                  gradient_accumulation_steps=2, **common)  # fmt: skip
+    for (name, a), (_, b) in zip(large.model.named_parameters(), small.model.named_parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+    assert losses(large)[1] == pytest.approx(losses(small)[1], rel=1e-5)
+
+
+def test_frozen_parts_are_enforced(tiny_model):
+    model = PotsaForSpeechTranslation(tiny_model.config)
+    model.speech_encoder.conv1.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="keeps them frozen"):
+        check_frozen(model)
+
+
+DDP_SCRIPT = """
+import json, os, sys
+from training.run import run
+trainer = run(sys.argv[1:])
+rank = int(os.environ["RANK"])
+state = trainer.layer_callback.scheduler.state_dict()
+with open(os.path.join(trainer.args.output_dir, f"scheduler-rank{rank}.json"), "w") as f:
+    json.dump(state, f)
+"""
+
+
+def test_two_process_cpu_ddp(corpus, model_yaml, tmp_path):
+    """gloo DDP over 2 CPU processes (torchrun; accelerate's multi-CPU launcher needs mpirun): completes, both
+    ranks pick the same layers, one set of checkpoints."""
+    out = tmp_path / "ddp"
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_SCRIPT)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), "--config", str(REPO / "training/configs/tiny_stage3_potsa.yaml"),
+        *settings(corpus, model_yaml, out, per_device_train_batch_size=3, eval_split=None),
+    ]  # fmt: skip
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    subprocess.run(command, check=True, env=environment, cwd=REPO, timeout=300)
+    states = [json.loads((out / f"scheduler-rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert states[0] == states[1] and sum(states[0]["pick_counts"]) == 6
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    assert not list(out.glob("checkpoint-*/scheduler-rank*"))

@@ -1,0 +1,171 @@
+"""Train one POTSA stage.
+
+    accelerate launch training/run.py --config training/configs/stage3_potsa.yaml [key=value ...]
+    python training/run.py --config training/configs/tiny_stage3_potsa.yaml output_dir=runs/x max_steps=20
+
+Stages (the paper's recipe; each starts from the previous stage's checkpoint through `init_from`):
+1. ASR pretraining (`task: transcribe`), 2. S2TT training (`task: translate`), 3. multilingual POTSA fine-tuning
+(`task: translate`, bias compensation estimated first, OT loss with the UCB layer scheduler).
+Resume an interrupted run with `resume_from_checkpoint=<output_dir>/checkpoint-N` (or `true` for the latest):
+optimizer, scheduler, RNG and the UCB state come back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import transformers
+import yaml
+from transformers import AutoFeatureExtractor, AutoTokenizer, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python training/run.py` from a clone
+
+from modeling_potsa import PotsaConfig, PotsaForSpeechTranslation, PotsaProcessor  # noqa: E402
+from modeling_potsa.tiny import build_tiny_potsa  # noqa: E402
+from training.arguments import DataArguments, ModelArguments, load_settings, parse_settings  # noqa: E402
+from training.data import (  # noqa: E402
+    PotsaCollator,
+    apply_language_bias,
+    cache_encoder_outputs,
+    estimate_language_bias,
+    load_source,
+    select_languages,
+    validate_examples,
+)
+from training.evaluation import eval_batches, evaluate_model, write_results  # noqa: E402
+from training.trainer import PotsaTrainer  # noqa: E402
+
+logger = logging.getLogger("potsa.run")
+
+
+def load_model(model_args: ModelArguments, overrides: dict[str, Any], languages: list[str] | None):
+    """1. The model and processor: a previous stage's checkpoint, base models from a config file, or tiny."""
+    if model_args.init_from:
+        model = PotsaForSpeechTranslation.from_pretrained(model_args.init_from, dtype=model_args.model_dtype)
+        processor = PotsaProcessor.from_pretrained(model_args.init_from)
+    elif not model_args.model_config:
+        raise ValueError("Set `model_config` (a PotsaConfig YAML, or 'tiny') or `init_from` (a checkpoint).")
+    elif model_args.model_config == "tiny":
+        model, processor = build_tiny_potsa(languages=languages or ("en", "es", "ja", "ko", "ru", "zh"))
+    else:
+        settings = {**yaml.safe_load(Path(model_args.model_config).read_text()), **overrides}
+        # Sub-configs come from the base checkpoints themselves (their config.json only), so they always match.
+        config = PotsaConfig.from_base_models(settings.pop("encoder_model_id"), settings.pop("text_model_id"), **settings)
+        processor = PotsaProcessor.from_config(
+            config,
+            AutoFeatureExtractor.from_pretrained(config.encoder_model_id),
+            AutoTokenizer.from_pretrained(config.text_model_id),
+        )
+        model = PotsaForSpeechTranslation.from_base_models(config, dtype=model_args.model_dtype)
+    for key, value in overrides.items():
+        setattr(model.config, key, value)
+    model.config._validate()
+    model.freeze_base_models()
+    return model, processor
+
+
+def prepare_data(data_args: DataArguments, model: Any, processor: Any) -> tuple[Any, Any, dict[str, list[str]]]:
+    """2. Train / eval sets with the zero-shot protocol applied, validated, and the language groups to report."""
+    zero_shot = list(data_args.zero_shot_languages)
+    seen = data_args.train_languages or [code for code in model.config.languages if code not in zero_shot]
+    load = functools.partial(load_source, data_args.data_source, data_args.data_path)
+    if data_args.zero_shot_protocol == "strict":
+        train = select_languages(load(split=data_args.train_split), seen)
+    else:  # zero-shot audio joins the OT pairs, without its translations
+        train = select_languages(load(split=data_args.train_split), seen + zero_shot)
+        labels = [text if code in seen else None for text, code in zip(train["translation"], train["language"])]
+        train = train.remove_columns("translation").add_column("translation", labels)
+    if data_args.max_train_samples:
+        train = train.select(range(min(data_args.max_train_samples, len(train))))
+    train, report = validate_examples(train, model.config.languages, processor, on_bad_data=data_args.on_bad_data)
+    logger.info("training data: %d utterances; %s", len(train), report)
+    evaluation = None
+    if data_args.eval_split:
+        evaluation = select_languages(load(split=data_args.eval_split), seen + zero_shot)
+        if data_args.max_eval_samples:
+            evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
+        evaluation, _ = validate_examples(evaluation, model.config.languages, processor, data_args.on_bad_data)
+    return train, evaluation, {"seen": seen, "zero_shot": zero_shot}
+
+
+def bias_audio(data_args: DataArguments, model: Any, processor: Any) -> Any:
+    """Unlabeled audio of every language the model knows, zero-shot ones included (their audio, never labels)."""
+    audio = load_source(data_args.data_source, data_args.data_path, split=data_args.train_split)
+    audio = select_languages(audio, model.config.languages)
+    return validate_examples(audio, model.config.languages, processor, on_bad_data="skip")[0]
+
+
+def run(argv: list[str] | None = None) -> PotsaTrainer:
+    """Parse the settings, prepare model and data, train, save and evaluate; returns the trainer."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="stage YAML (see training/configs/)")
+    parser.add_argument("overrides", nargs="*", help="key=value settings that replace the YAML's")
+    cli = parser.parse_args(argv)
+    model_args, data_args, training_args, overrides = parse_settings(load_settings(cli.config, cli.overrides))
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    set_seed(training_args.seed)
+
+    model, processor = load_model(model_args, overrides, data_args.train_languages)
+    with training_args.main_process_first(desc="data preparation and encoder cache"):
+        train, evaluation, groups = prepare_data(data_args, model, processor)
+        audio_for_bias = bias_audio(data_args, model, processor) if data_args.estimate_bias else None
+        # 3. Optional encoder-output cache: the encoder is frozen, so its outputs are computed once (one directory
+        # serves every split and later runs; only missing utterances are encoded).
+        cache = None
+        for dataset in (train, evaluation, audio_for_bias) if data_args.encoder_cache_dir else ():
+            if dataset is not None:
+                cache = cache_encoder_outputs(model, dataset, processor, data_args.encoder_cache_dir)
+
+    # 4. Bias compensation (before stage 3, or to add a language), on every process together (it is sharded).
+    if audio_for_bias is not None:
+        biases = estimate_language_bias(
+            model, audio_for_bias, processor, max_per_language=data_args.bias_max_per_language, encoder_cache=cache
+        )
+        apply_language_bias(model, biases, processor)
+    if cache is not None:  # rows then carry a cache key instead of audio
+        train = cache.keyed_dataset(train)
+        evaluation = cache.keyed_dataset(evaluation) if evaluation is not None else None
+    collator = PotsaCollator(processor, task=data_args.task, encoder_cache=cache)
+
+    trainer = PotsaTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        data_collator=collator,
+        processing_class=processor,
+        pair_ratio=data_args.pair_ratio,
+        eval_groups=groups,
+        eval_task=data_args.task,
+        generation_kwargs=training_args.generation_kwargs(),
+    )
+    # 5. Train (resumable), save the trainable parts + processor + code, evaluate.
+    resume = training_args.resume_from_checkpoint
+    if resume in ("true", "True", True):
+        resume = get_last_checkpoint(training_args.output_dir)
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    if evaluation is not None and trainer.is_world_process_zero():
+        evaluated = evaluate_model(
+            model, processor, eval_batches(evaluation, collator, training_args.per_device_eval_batch_size,
+                                           data_args.task),
+            groups, data_args.task, **training_args.generation_kwargs(),
+        )  # fmt: skip
+        table = write_results(evaluated, training_args.output_dir, title=f"{Path(cli.config).stem} evaluation")
+        trainer.save_metrics("eval", evaluated.flat_metrics("eval_"))
+        logger.info("results: %s\n%s", table, table.read_text())
+    return trainer
+
+
+if __name__ == "__main__":
+    run()
