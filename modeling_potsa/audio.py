@@ -90,12 +90,18 @@ def _as_float_tensor(samples: Any) -> torch.Tensor:
         tensor = torch.as_tensor(samples)
     except (TypeError, ValueError, RuntimeError) as error:
         raise ValueError(f"Audio must be a numeric array, got {type(samples).__name__}: {error}") from error
+    if tensor.dtype == torch.int64 and tensor.numel():
+        # Python int lists (how `datasets` rows return int16 PCM) arrive as int64: read them as the narrowest PCM
+        # width that holds every sample, and refuse what no PCM width explains.
+        low, high = int(tensor.min()), int(tensor.max())
+        for dtype in (torch.int16, torch.int32):
+            if torch.iinfo(dtype).min <= low and high <= torch.iinfo(dtype).max:
+                tensor = tensor.to(dtype)
+                break
+        else:
+            raise ValueError(f"Integer audio with values up to {max(-low, high)} is not 16- or 32-bit PCM.")
     if tensor.dtype in _INTEGER_PCM_SCALE:
         return tensor.float() / _INTEGER_PCM_SCALE[tensor.dtype]
-    if tensor.dtype == torch.int64 and tensor.ndim and tensor.numel():
-        raise ValueError(
-            "Audio has dtype int64: convert it to float32 in [-1, 1] (or int16 PCM) so its scale is unambiguous."
-        )
     if not tensor.is_floating_point():
         raise ValueError(f"Unsupported audio dtype {tensor.dtype}: use float32/float64 in [-1, 1] or int16/int32 PCM.")
     return tensor.float()

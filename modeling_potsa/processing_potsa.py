@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers import BatchFeature, ProcessorMixin
+from transformers import AutoFeatureExtractor, AutoTokenizer, BatchFeature, PreTrainedTokenizerFast, ProcessorMixin
 
 from .audio import load_waveform
 from .configuration_potsa import IGNORE_INDEX, LANGUAGE_NAMES, SPEECH_TOKEN, TASK_INSTRUCTIONS, PotsaConfig
@@ -85,6 +85,22 @@ class PotsaProcessor(ProcessorMixin):
         )
         config.speech_token_id = processor.speech_token_id
         return processor
+
+    @classmethod
+    def from_base_models(cls, config: PotsaConfig) -> PotsaProcessor:
+        """The processor of a new model: the encoder checkpoint's feature extractor and the LLM's tokenizer.
+
+        The tokenizer is read from the LLM's `tokenizer.json` as written (`PreTrainedTokenizerFast`).
+        `AutoTokenizer` would pick the class registered for the LLM's model type instead, and for some types
+        (Qwen2 among them) that class rebuilds the tokenizer from a fixed recipe, silently garbling any tokenizer
+        that is not the original one (a character-level tokenizer came back byte-level). LLMs shipped without a
+        `tokenizer.json` fall back to `AutoTokenizer`.
+        """
+        try:
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(config.text_model_id)
+        except (OSError, ValueError):
+            tokenizer = AutoTokenizer.from_pretrained(config.text_model_id)
+        return cls.from_config(config, AutoFeatureExtractor.from_pretrained(config.encoder_model_id), tokenizer)
 
     @property
     def speech_token_id(self) -> int:

@@ -187,7 +187,8 @@ def test_generation_arguments_pass_through(pipe, clip):
         (np.full(16000, np.nan, np.float32), {}, "NaN"),
         (np.full(16000, np.inf, np.float32), {}, "NaN or infinite"),
         (np.ones(16000, np.float32) * 1e20, {}, "amplitude too large"),
-        (np.ones(16000, np.int64), {}, "int64"),
+        (np.ones(16000, np.int64), {}, "silent"),  # int64 is read as 16-bit PCM: 1/32768 is silence
+        (np.full(16000, 2**40, np.int64), {}, "not 16- or 32-bit PCM"),
         (np.ones(16000, bool), {}, "dtype"),
         (np.ones(16000, np.complex64), {}, "dtype"),
         (np.ones((2, 2, 16000), np.float32), {}, "shape"),

@@ -71,6 +71,8 @@ def test_resampling_matches_soxr_and_int16_is_scaled():
     np.testing.assert_allclose(waveform.numpy(), expected, atol=1e-6)
     pcm = (audio * 32767).astype(np.int16)
     np.testing.assert_allclose(load_waveform(pcm, 22_050).numpy(), expected, atol=2e-4)
+    # `datasets` rows give int16 PCM back as Python ints: the same samples, the same waveform
+    torch.testing.assert_close(load_waveform(pcm.tolist(), 22_050), load_waveform(pcm, 22_050))
 
 
 def test_inputs_users_pass(tmp_path):

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import WhisperConfig, WhisperModel
 
 from benchmarks.corpus import generate_corpus
-from modeling_potsa import PotsaForSpeechTranslation
+from modeling_potsa import PotsaForSpeechTranslation, PotsaProcessor
 from modeling_potsa.tiny import build_tiny_potsa
 from training.run import run
 from training.trainer import check_frozen
@@ -83,15 +83,17 @@ def losses(trainer) -> dict[int, float]:
 
 
 def test_stage_learns_logs_ot_and_saves_trainable_parts(corpus, model_yaml, tmp_path):
-    """Random tiny bases give nearly identical soft prompts, so the loss can only fall to the targets' marginal
-    entropy: a modest but steady drop. LoRA is on, which also checks that adapters train and are saved."""
-    trainer = train(corpus, model_yaml, tmp_path / "run", max_steps=24, save_steps=100, estimate_bias=True,
+    """A random frozen LLM hears the soft prompt only through random attention, so on an overfit set (2 sentences
+    x 3 languages) the loss falls steadily but slowly; LoRA is on, which also checks adapters train and are saved.
+    (With pretrained stand-ins the same code reaches exact-match translation: see the README demo.)"""
+    trainer = train(corpus, model_yaml, tmp_path / "run", max_steps=40, save_steps=100, estimate_bias=True,
+                    learning_rate=1e-2, max_train_samples=6,
                     use_lora=True, lora_target_modules=["q_proj", "v_proj", "down_proj"])  # fmt: skip
     curve = list(losses(trainer).values())
-    assert curve[-1] < 0.92 * curve[0] and sum(curve[-4:]) < sum(curve[4:8]) < sum(curve[:4]), curve
+    assert curve[-1] < 0.95 * curve[0] and sum(curve[-4:]) < sum(curve[16:20]) < sum(curve[:4]), curve
     logged = [entry for entry in trainer.state.log_history if "ot" in entry]
     assert logged and all(entry["ot_layer"] in (1, 2, 3) for entry in logged)
-    assert sum(logged[-1][f"ot_picks_layer_{layer}"] for layer in (1, 2, 3)) == 24
+    assert sum(logged[-1][f"ot_picks_layer_{layer}"] for layer in (1, 2, 3)) == 40
     assert all(key in logged[0] for key in ("ce", "weighted_ot"))
     saved = load_file(tmp_path / "run/model.safetensors")
     trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
@@ -100,6 +102,9 @@ def test_stage_learns_logs_ot_and_saves_trainable_parts(corpus, model_yaml, tmp_
     assert trainer.model.bias_compensation.bias.abs().sum() > 0  # estimated before training
     results = json.loads((tmp_path / "run/results.json").read_text())
     assert set(results["per_language"]) == {"en", "es", "ja", "de"} and "zero_shot" in results["groups"]
+    for processor in (trainer.processing_class, PotsaProcessor.from_pretrained(tmp_path / "run")):
+        tokenizer = processor.tokenizer  # read as written: AutoTokenizer would rebuild Qwen2's byte-level recipe
+        assert tokenizer.decode(tokenizer.encode("八千四百", add_special_tokens=False)) == "八千四百"
     reloaded = PotsaForSpeechTranslation.from_pretrained(tmp_path / "run")
     torch.testing.assert_close(reloaded.query_tokens, trainer.model.query_tokens)
 

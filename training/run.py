@@ -21,7 +21,7 @@ from typing import Any
 
 import transformers
 import yaml
-from transformers import AutoFeatureExtractor, AutoTokenizer, set_seed
+from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python training/run.py` from a clone
@@ -57,11 +57,7 @@ def load_model(model_args: ModelArguments, overrides: dict[str, Any], languages:
         settings = {**yaml.safe_load(Path(model_args.model_config).read_text()), **overrides}
         # Sub-configs come from the base checkpoints themselves (their config.json only), so they always match.
         config = PotsaConfig.from_base_models(settings.pop("encoder_model_id"), settings.pop("text_model_id"), **settings)
-        processor = PotsaProcessor.from_config(
-            config,
-            AutoFeatureExtractor.from_pretrained(config.encoder_model_id),
-            AutoTokenizer.from_pretrained(config.text_model_id),
-        )
+        processor = PotsaProcessor.from_base_models(config)
         model = PotsaForSpeechTranslation.from_base_models(config, dtype=model_args.model_dtype)
     for key, value in overrides.items():
         setattr(model.config, key, value)
