@@ -17,6 +17,7 @@ from transformers import WhisperConfig, WhisperModel
 from benchmarks.corpus import generate_corpus
 from modeling_potsa import PotsaForSpeechTranslation, PotsaProcessor
 from modeling_potsa.tiny import build_tiny_potsa
+from training.arguments import load_settings
 from training.run import run
 from training.trainer import check_frozen
 
@@ -143,6 +144,7 @@ def test_frozen_parts_are_enforced(tiny_model):
 
 DDP_SCRIPT = """
 import json, os, sys
+from training.arguments import load_settings
 from training.run import run
 trainer = run(sys.argv[1:])
 rank = int(os.environ["RANK"])
@@ -168,3 +170,12 @@ def test_two_process_cpu_ddp(corpus, model_yaml, tmp_path):
     assert states[0] == states[1] and sum(states[0]["pick_counts"]) == 6
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
     assert not list(out.glob("checkpoint-*/scheduler-rank*"))
+
+
+def test_settings_accept_yaml_floats_without_a_dot(tmp_path):
+    """`learning_rate: 1e-5` is a string to YAML 1.1; it must still reach TrainingArguments as a float."""
+    config = tmp_path / "stage.yaml"
+    config.write_text("learning_rate: 1e-5\nmodel_config: tiny\n")
+    settings = load_settings(config, ["warmup_ratio=5e-2", "output_dir=runs/1e3"])
+    assert settings["learning_rate"] == 1e-5 and settings["warmup_ratio"] == 0.05
+    assert settings["output_dir"] == "runs/1e3"

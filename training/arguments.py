@@ -8,6 +8,7 @@ updates the model config, so the checkpoint records how it was trained. An unkno
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,18 @@ class PotsaTrainingArguments(TrainingArguments):
         }
 
 
+_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)$")
+
+
+def _numbers(value: Any) -> Any:
+    """YAML 1.1 reads `1e-5` (no dot) as a string; every config writer expects a float."""
+    if isinstance(value, str) and _FLOAT.match(value):
+        return float(value)
+    if isinstance(value, list):
+        return [_numbers(item) for item in value]
+    return value
+
+
 def _parse_value(text: str) -> Any:
     """`key=value` values are YAML scalars or lists: 1e-5, true, [1, 2, 3], ./path."""
     return yaml.safe_load(text)
@@ -112,7 +125,7 @@ def load_settings(config_path: str | Path | None, overrides: list[str]) -> dict[
         if not separator or not key:
             raise ValueError(f"Override {override!r} is not of the form key=value.")
         settings[key.strip()] = _parse_value(value)
-    return settings
+    return {key: _numbers(value) for key, value in settings.items()}
 
 
 def parse_settings(
