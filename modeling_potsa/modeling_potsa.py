@@ -1,7 +1,7 @@
 """POTSA speech translation model: frozen speech encoder + bias compensation + Q-Former + frozen causal LLM.
 
 ```
-audio features (B, n_mels, 2P) --speech encoder (frozen)--> frames (B, P, d_enc)
+audio features (B, n_mels, 2P) or waveform (B, samples) --speech encoder (frozen)--> frames (B, P, d_enc)
   --minus bias[language]--> --Q-Former (80 queries, cross-attention to valid frames)--> (B, 80, d_q) per layer
   --projector (Linear + LayerNorm)--> soft prompt (B, 80, d_llm)
 LLM inputs_embeds: [prompt prefix][soft prompt][prompt suffix][target] --LLM (frozen)--> CE on target tokens
@@ -9,7 +9,8 @@ LLM inputs_embeds: [prompt prefix][soft prompt][prompt suffix][target] --LLM (fr
 
 Only the Q-Former, its queries, the projector, the bias table (and LoRA adapters, if enabled) are trained and saved.
 The encoder and LLM are reloaded from their own hub ids / paths at `from_pretrained`, the way Ultravox ships, so a
-checkpoint on top of a 7B LLM is a few hundred MB.
+checkpoint on top of a 7B LLM is a few hundred MB. The encoder may be Whisper or a wav2vec2-style model (wav2vec2,
+HuBERT; see `speech_encoders.py`), the LLM any `AutoModelForCausalLM` (Qwen2, Llama, GPT-2, ...).
 """
 
 from __future__ import annotations
@@ -20,18 +21,15 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, Blip2QFormerModel, PreTrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, Blip2QFormerModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput
-from transformers.models.whisper.modeling_whisper import WhisperEncoder
-from transformers.utils import logging as hf_logging
+from transformers.pytorch_utils import Conv1D
 
 from .bias_compensation import LanguageBiasCompensation, masked_time_mean
 from .configuration_potsa import IGNORE_INDEX, PotsaConfig
 from .pipeline_potsa import custom_pipelines
-
-# Whisper checkpoints store the encoder under `model.encoder.` (ForConditionalGeneration) or `encoder.` (WhisperModel).
-_WHISPER_ENCODER_KEYS = {r"^model\.encoder\.": "", r"^encoder\.": ""}
+from .speech_encoders import SpeechEncoderFamily, speech_encoder_family
 
 
 @dataclass
@@ -95,7 +93,9 @@ class PotsaPreTrainedModel(PreTrainedModel):
     accepts_loss_kwargs = True
     supports_gradient_checkpointing = True
     _supports_sdpa = True
-    _no_split_modules = ["WhisperEncoderLayer", "Blip2QFormerLayer", "Qwen2DecoderLayer"]
+    # `post_init` adds the sub-models' own (Whisper, HuBERT, Qwen2, Llama, ... layers); these are the layers whose
+    # models declare none.
+    _no_split_modules = ["Blip2QFormerLayer", "Wav2Vec2EncoderLayer", "Wav2Vec2EncoderLayerStableLayerNorm"]
     # The trained connector stays in float32 whatever dtype the frozen encoder / LLM are loaded in (as BLIP-2 does).
     _keep_in_fp32_modules_strict = ["query_tokens", "bias_compensation", "qformer", "projector"]
 
@@ -105,41 +105,47 @@ class PotsaPreTrainedModel(PreTrainedModel):
         if isinstance(module, PotsaForSpeechTranslation):
             init.normal_(module.query_tokens, mean=0.0, std=std)
         elif isinstance(module, LanguageBiasCompensation):
-            init.zeros_(module.bias)
+            module.reset_parameters()
         elif isinstance(module, nn.Linear):
             init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm):
-            init.ones_(module.weight)
+            init.constant_(module.weight, self._soft_prompt_scale() if self._is_projector_norm(module) else 1.0)
             init.zeros_(module.bias)
 
+    def _is_projector_norm(self, module: nn.Module) -> bool:
+        projector = getattr(self, "projector", None)
+        return projector is not None and module is projector.layer_norm
 
-def build_speech_encoder(config: PotsaConfig) -> PreTrainedModel:
-    """A randomly initialised speech encoder of the configured architecture (weights come later)."""
-    if config.encoder_config.model_type == "whisper":
-        return WhisperEncoder(config.encoder_config)
-    return AutoModel.from_config(config.encoder_config)
+    def _soft_prompt_scale(self) -> float:
+        """RMS of the LLM's own token embeddings: where the projector's LayerNorm gain starts. A unit-scale output
+        is ~50x larger than Qwen's embeddings, and the frozen LLM only learns to read the soft prompt after
+        hundreds of steps of shrinking the gain (on the meta device the checkpoint supplies the value)."""
+        embeddings = self.get_input_embeddings().weight
+        return 1.0 if embeddings.is_meta else embeddings.detach().float().pow(2).mean().sqrt().item()
 
 
-def load_pretrained_speech_encoder(model_id: str, config: PotsaConfig, **kwargs: Any) -> PreTrainedModel:
-    """Encoder weights from a hub id or local path. For Whisper only the encoder half of the checkpoint is read."""
-    if config.encoder_config.model_type != "whisper":
-        return AutoModel.from_pretrained(model_id, **kwargs)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the decoder half is "unexpected" by design; do not report 1000 keys
-    try:
-        return WhisperEncoder.from_pretrained(model_id, key_mapping=_WHISPER_ENCODER_KEYS, **kwargs)
-    finally:
-        hf_logging.set_verbosity(verbosity)
+# What must agree between the POTSA config and a base model loaded from its id (fields a model lacks are None).
+_ENCODER_FIELDS = (
+    "model_type", "d_model", "hidden_size", "num_mel_bins", "conv_kernel", "conv_stride", "feat_extract_norm",
+)  # fmt: skip
+_LLM_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
+
+
+def _config_value(config: Any, field_name: str) -> Any:
+    """A config field as config.json stores it: tuples (wav2vec2's `conv_kernel`) are lists once saved."""
+    value = getattr(config, field_name, None)
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _check_same_architecture(name: str, expected: Any, loaded: Any, fields: tuple[str, ...]) -> None:
     for field_name in fields:
-        if getattr(expected, field_name, None) != getattr(loaded, field_name, None):
+        expected_value, loaded_value = _config_value(expected, field_name), _config_value(loaded, field_name)
+        if expected_value != loaded_value:
             raise ValueError(
-                f"The {name} loaded from its id has {field_name}={getattr(loaded, field_name, None)} but the POTSA "
-                f"config says {getattr(expected, field_name, None)}; the checkpoint was trained on another base model."
+                f"The {name} loaded from its id has {field_name}={loaded_value} but the POTSA config says "
+                f"{expected_value}; the checkpoint was trained on another base model."
             )
 
 
@@ -170,8 +176,12 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
             _mark_initialized(speech_encoder)
         if language_model is not None:
             _mark_initialized(language_model)
-        self.speech_encoder = speech_encoder if speech_encoder is not None else build_speech_encoder(config)
-        self.bias_compensation = LanguageBiasCompensation(len(config.languages), config.encoder_hidden_size)
+        if speech_encoder is None:
+            speech_encoder = self.speech_encoder_family.build(config.encoder_config)
+        self.speech_encoder = speech_encoder
+        self.bias_compensation = LanguageBiasCompensation(
+            len(config.languages), config.encoder_hidden_size, mode=config.bias_compensation_mode
+        )
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
         self.qformer = Blip2QFormerModel(config.qformer_config)
         self.projector = PotsaProjector(config.qformer_config.hidden_size, config.text_config.hidden_size)
@@ -184,6 +194,11 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
         self.post_init()
 
     # ----------------------------------------------------------------------------------------------- construction
+    @property
+    def speech_encoder_family(self) -> SpeechEncoderFamily:
+        """How this model's speech encoder is built, loaded and read (Whisper or wav2vec2-style)."""
+        return speech_encoder_family(self.config.encoder_config)
+
     def freeze_base_models(self) -> None:
         """The paper trains only the connector: freeze encoder and LLM; the bias table follows `train_bias`."""
         self.speech_encoder.requires_grad_(False)
@@ -200,7 +215,22 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
         return self
 
     def _add_lora(self, language_model: nn.Module) -> nn.Module:
+        """LoRA adapters on the LLM modules named in `config.lora_target_modules`. The default (q_proj, k_proj, v_proj,
+        o_proj) suits Qwen2, Llama, Mistral and Gemma; other families name their projections differently (GPT-2:
+        c_attn, c_proj), and a name this LLM lacks is an error rather than a silently smaller adapter."""
         from peft import LoraConfig, get_peft_model  # optional dependency, only when LoRA is asked for
+
+        projections = {
+            name.rsplit(".", 1)[-1]
+            for name, module in language_model.named_modules()
+            if isinstance(module, (nn.Linear, Conv1D))
+        }
+        missing = sorted(set(self.config.lora_target_modules) - projections)
+        if missing:
+            raise ValueError(
+                f"`lora_target_modules` {missing} are not modules of this {language_model.config.model_type} LLM; its "
+                f"projections are {sorted(projections)} (GPT-2: ['c_attn', 'c_proj']). Set `lora_target_modules`."
+            )
 
         lora_config = LoraConfig(
             r=self.config.lora_rank,
@@ -225,14 +255,11 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
     @classmethod
     def _load_base_models(cls, config: PotsaConfig, **kwargs: Any) -> tuple[PreTrainedModel, PreTrainedModel]:
         kwargs = {key: value for key, value in kwargs.items() if value is not None}
-        speech_encoder = load_pretrained_speech_encoder(config.encoder_model_id, config, **kwargs)
+        family = speech_encoder_family(config.encoder_config)
+        speech_encoder = family.from_pretrained(config.encoder_model_id, **kwargs)
         language_model = AutoModelForCausalLM.from_pretrained(config.text_model_id, **kwargs)
-        _check_same_architecture(
-            "speech encoder", config.encoder_config, speech_encoder.config, ("d_model", "hidden_size", "num_mel_bins")
-        )
-        _check_same_architecture(
-            "LLM", config.text_config, language_model.config, ("hidden_size", "num_hidden_layers", "vocab_size")
-        )
+        _check_same_architecture("speech encoder", config.encoder_config, speech_encoder.config, _ENCODER_FIELDS)
+        _check_same_architecture("LLM", config.text_config, language_model.config, _LLM_FIELDS)
         return speech_encoder, language_model
 
     @classmethod
@@ -349,17 +376,15 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
     def encode_speech(
         self, input_features: torch.Tensor, feature_attention_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Frozen encoder: features (B, n_mels, 2P) -> frames (B, P, d_enc) and a (B, P) bool mask of valid frames.
+        """Frozen encoder: its inputs -> frames (B, P, d_enc) and a (B, P) bool mask of valid frames.
 
-        Features are always padded to the encoder window (Whisper was trained on 30 s windows and drifts on shorter
-        inputs); the mask keeps the padding out of the Q-Former's cross-attention and of pooled statistics.
+        `input_features` are what the processor makes for this encoder: log-mel features (B, n_mels, 2P) padded to
+        Whisper's window, or waveforms (B, samples) for wav2vec2-style encoders; `feature_attention_mask` marks their
+        real positions. The frame mask keeps padding out of the Q-Former's cross-attention and of pooled statistics,
+        and each encoder family encodes so that a clip's frames do not depend on how it is padded (see
+        `speech_encoders.py`).
         """
-        frames = self.speech_encoder(input_features).last_hidden_state
-        if feature_attention_mask is None:
-            return frames, torch.ones(frames.shape[:2], dtype=torch.bool, device=frames.device)
-        stride = feature_attention_mask.shape[1] // frames.shape[1]  # 2 for Whisper's stride-2 convolution
-        frame_mask = feature_attention_mask[:, ::stride][:, : frames.shape[1]].bool()  # (B, P)
-        return frames, frame_mask
+        return self.speech_encoder_family.encode(self.speech_encoder, input_features, feature_attention_mask)
 
     def speech_to_soft_prompt(
         self, frames: torch.Tensor, frame_mask: torch.Tensor, language_ids: torch.Tensor | None
@@ -446,10 +471,12 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
                 Prompt (+ target) token ids with `num_query_tokens` speech-token placeholders per row.
-            input_features (`torch.FloatTensor` of shape `(batch_size, n_mels, 2 * max_source_positions)`):
-                Log-mel features padded to the encoder window (from `PotsaProcessor`).
-            feature_attention_mask (`torch.LongTensor` of shape `(batch_size, 2 * max_source_positions)`):
-                1 for feature frames of the audio, 0 for padding.
+            input_features (`torch.FloatTensor` of shape `(batch_size, n_mels, 2 * max_source_positions)` or
+                `(batch_size, window_samples)`):
+                The speech encoder's input from `PotsaProcessor`, padded to the encoder window: log-mel features
+                for Whisper, the normalised waveform for wav2vec2-style encoders (which call it `input_values`).
+            feature_attention_mask (`torch.LongTensor` of shape `(batch_size, input_features.shape[-1])`):
+                1 for feature frames (Whisper) or samples (wav2vec2-style) of the audio, 0 for padding.
             language_ids (`torch.LongTensor` of shape `(batch_size,)`):
                 Row of each utterance's language in the bias table.
             attention_mask (`torch.LongTensor` of shape `(batch_size, sequence_length)`): LLM attention mask.

@@ -191,7 +191,8 @@ class PotsaSpeechTranslationPipeline(Pipeline):
     def preprocess(
         self, inputs: Any, language: str | None = None, sampling_rate: int | None = None
     ) -> Iterator[dict[str, torch.Tensor]]:
-        """One input -> its windows' features (each `(1, n_mels, window frames)`), mask and language id (-1: detect)."""
+        """One input -> its windows' encoder inputs (each padded to the window: `(1, n_mels, frames)` log-mels or a
+        `(1, samples)` waveform, so windows batch together), mask and language id (-1: detect)."""
         audio, language = _unwrap(inputs, language)
         language_id = -1 if language is None else self.processor.language_id(language)
         for window in self._windows(audio, sampling_rate):
@@ -241,7 +242,7 @@ class PotsaSpeechTranslationPipeline(Pipeline):
         return codes[0] if single else codes
 
     def _encode(self, features: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Frozen encoder: float32 features -> frames in the encoder's dtype (bfloat16 at real size) and their mask."""
+        """Frozen encoder: float32 inputs -> frames in the encoder's dtype (bfloat16 at real size) and their mask."""
         return self.model.encode_speech(
             features["input_features"].to(self.device, self.model.speech_encoder.dtype),
             features["feature_attention_mask"].to(self.device),

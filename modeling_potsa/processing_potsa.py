@@ -1,9 +1,9 @@
 """PotsaProcessor: audio + language (+ target text) -> the tensors `PotsaForSpeechTranslation` takes.
 
-It owns every convention the model relies on, so training and inference cannot drift apart: features padded to the
-encoder window with a mask, the language id of each utterance, the prompt with `num_query_tokens` speech-token
-placeholders, labels that are -100 everywhere except the target, right padding for training and left padding for
-generation.
+It owns every convention the model relies on, so training and inference cannot drift apart: encoder inputs (Whisper
+log-mels or wav2vec2-style waveforms, whichever the feature extractor makes) padded to the encoder window with a
+mask, the language id of each utterance, the prompt with `num_query_tokens` speech-token placeholders, labels that
+are -100 everywhere except the target, right padding for training and left padding for generation.
 """
 
 from __future__ import annotations
@@ -12,12 +12,30 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers import AutoFeatureExtractor, AutoTokenizer, BatchFeature, PreTrainedTokenizerFast, ProcessorMixin
+from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerFast, ProcessorMixin
 
 from .audio import load_waveform
 from .configuration_potsa import IGNORE_INDEX, LANGUAGE_NAMES, SPEECH_TOKEN, TASK_INSTRUCTIONS, PotsaConfig
+from .speech_encoders import speech_encoder_family
 
 TASKS = tuple(TASK_INSTRUCTIONS)
+DEFAULT_WINDOW_SECONDS = 30.0  # Whisper's window, for feature extractors that define none (wav2vec2, HuBERT)
+
+
+def _window_seconds(feature_extractor: Any, requested: float | None) -> float:
+    """The encoder window: the longest audio encoded at once (features are padded to it, the pipeline cuts longer
+    audio into windows). Whisper-style extractors fix it (`chunk_length`), so a different request is an error;
+    raw-waveform extractors (wav2vec2, HuBERT) have none and take the request, or `DEFAULT_WINDOW_SECONDS`."""
+    fixed_samples = getattr(feature_extractor, "n_samples", None)
+    if fixed_samples is None:
+        return float(requested or DEFAULT_WINDOW_SECONDS)
+    fixed = fixed_samples / feature_extractor.sampling_rate
+    if requested is not None and requested != fixed:
+        raise ValueError(
+            f"`window_seconds={requested}` disagrees with the feature extractor's own window of {fixed:g} s (its "
+            f"`chunk_length`): leave `window_seconds` unset, or build the extractor with `chunk_length={requested}`."
+        )
+    return fixed
 
 
 def _as_list(value: Any, batch_size: int, name: str) -> list[Any]:
@@ -31,15 +49,20 @@ def _as_list(value: Any, batch_size: int, name: str) -> list[Any]:
 
 class PotsaProcessor(ProcessorMixin):
     r"""
-    Whisper-style feature extractor + the LLM's tokenizer + POTSA's prompt conventions.
+    The speech encoder's feature extractor + the LLM's tokenizer + POTSA's prompt conventions.
 
     Args:
-        feature_extractor (`WhisperFeatureExtractor`): log-mel features; its `chunk_length` is the encoder window.
+        feature_extractor (`WhisperFeatureExtractor` or `Wav2Vec2FeatureExtractor`): the encoder's own one (see
+            `speech_encoders.py`): log-mel features whose `chunk_length` is the encoder window, or the normalised
+            waveform.
         tokenizer (`PreTrainedTokenizerBase`): the LLM's tokenizer (the speech token is added if missing).
         languages (`list[str]`): language codes in bias-table order (same as the model config).
         target_language (`str`): code of the output language, used in the instruction.
         num_query_tokens (`int`): soft-prompt length (speech-token placeholders per prompt).
         speech_token, prompt_template, task_instructions, chain_separator: as in `PotsaConfig`.
+        window_seconds (`float`, *optional*): the encoder window, the longest audio encoded at once (inputs are
+            padded to it, the pipeline cuts longer audio). A Whisper extractor fixes it itself (`chunk_length`);
+            set it only for raw-waveform extractors, which default to 30 s.
     """
 
     def __init__(
@@ -53,6 +76,7 @@ class PotsaProcessor(ProcessorMixin):
         prompt_template: str = f"{SPEECH_TOKEN}{{instruction}}",
         task_instructions: dict[str, str] | None = None,
         chain_separator: str = "\n",
+        window_seconds: float | None = None,
     ) -> None:
         if not languages:
             raise ValueError("PotsaProcessor needs the model's `languages` (use `PotsaProcessor.from_config`).")
@@ -63,6 +87,7 @@ class PotsaProcessor(ProcessorMixin):
         self.prompt_template = prompt_template
         self.task_instructions = dict(task_instructions or TASK_INSTRUCTIONS)
         self.chain_separator = chain_separator
+        self.window_seconds = _window_seconds(feature_extractor, window_seconds)
         if speech_token not in tokenizer.get_vocab():
             tokenizer.add_special_tokens({"additional_special_tokens": [speech_token]})
         if tokenizer.pad_token is None:
@@ -70,8 +95,12 @@ class PotsaProcessor(ProcessorMixin):
         super().__init__(feature_extractor, tokenizer)
 
     @classmethod
-    def from_config(cls, config: PotsaConfig, feature_extractor: Any, tokenizer: Any) -> PotsaProcessor:
-        """A processor that follows `config`; also records the speech token's id in `config`."""
+    def from_config(
+        cls, config: PotsaConfig, feature_extractor: Any, tokenizer: Any, window_seconds: float | None = None
+    ) -> PotsaProcessor:
+        """A processor that follows `config`; also records the speech token's id in `config`. A feature extractor
+        that cannot feed the configured encoder is refused here."""
+        speech_encoder_family(config.encoder_config).check_feature_extractor(config.encoder_config, feature_extractor)
         processor = cls(
             feature_extractor,
             tokenizer,
@@ -82,13 +111,15 @@ class PotsaProcessor(ProcessorMixin):
             prompt_template=config.prompt_template,
             task_instructions=dict(config.task_instructions),
             chain_separator=config.chain_separator,
+            window_seconds=window_seconds,
         )
         config.speech_token_id = processor.speech_token_id
         return processor
 
     @classmethod
-    def from_base_models(cls, config: PotsaConfig) -> PotsaProcessor:
-        """The processor of a new model: the encoder checkpoint's feature extractor and the LLM's tokenizer.
+    def from_base_models(cls, config: PotsaConfig, window_seconds: float | None = None) -> PotsaProcessor:
+        """The processor of a new model: the encoder checkpoint's feature extractor (of the class its encoder family
+        reads) and the LLM's tokenizer. `window_seconds` as in the class (for wav2vec2-style encoders only).
 
         The tokenizer is read from the LLM's `tokenizer.json` as written (`PreTrainedTokenizerFast`).
         `AutoTokenizer` would pick the class registered for the LLM's model type instead, and for some types
@@ -100,7 +131,9 @@ class PotsaProcessor(ProcessorMixin):
             tokenizer = PreTrainedTokenizerFast.from_pretrained(config.text_model_id)
         except (OSError, ValueError):
             tokenizer = AutoTokenizer.from_pretrained(config.text_model_id)
-        return cls.from_config(config, AutoFeatureExtractor.from_pretrained(config.encoder_model_id), tokenizer)
+        extractor_class = speech_encoder_family(config.encoder_config).feature_extractor_class
+        feature_extractor = extractor_class.from_pretrained(config.encoder_model_id)
+        return cls.from_config(config, feature_extractor, tokenizer, window_seconds)
 
     @property
     def speech_token_id(self) -> int:
@@ -113,7 +146,12 @@ class PotsaProcessor(ProcessorMixin):
     @property
     def max_seconds(self) -> float:
         """The encoder window: longer audio must be split (the pipeline does it)."""
-        return self.feature_extractor.n_samples / self.feature_extractor.sampling_rate
+        return self.window_seconds
+
+    @property
+    def window_samples(self) -> int:
+        """The encoder window in samples at the feature extractor's rate: what every input is padded to."""
+        return round(self.window_seconds * self.sampling_rate)
 
     def language_id(self, language: str) -> int:
         if language not in self.languages:
@@ -155,15 +193,20 @@ class PotsaProcessor(ProcessorMixin):
 
     # -------------------------------------------------------------------------------------------------- audio
     def extract_features(self, waveforms: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """(B, n_mels, frames) log-mel features padded to the window + (B, frames) mask of real frames."""
+        """Encoder inputs padded to the window, as `input_features` + `feature_attention_mask` (1 on real positions):
+        log-mels (B, n_mels, frames) with a per-frame mask from a Whisper extractor, normalised waveforms
+        (B, samples) with a per-sample mask from a wav2vec2 one (which calls them `input_values`; with the mask, each
+        clip is normalised over its own samples only, whatever the padding)."""
         features = self.feature_extractor(
             [waveform.numpy() for waveform in waveforms],
             sampling_rate=self.sampling_rate,
             padding="max_length",
+            max_length=self.window_samples,
             return_attention_mask=True,
             return_tensors="pt",
         )
-        return {"input_features": features["input_features"], "feature_attention_mask": features["attention_mask"]}
+        inputs = features[self.feature_extractor.model_input_names[0]]
+        return {"input_features": inputs, "feature_attention_mask": features["attention_mask"]}
 
     def __call__(
         self,
@@ -189,8 +232,8 @@ class PotsaProcessor(ProcessorMixin):
             downmix (`bool`): average multi-channel audio instead of raising.
 
         Returns:
-            `BatchFeature` with `input_features`, `feature_attention_mask`, `language_ids`, `input_ids`,
-            `attention_mask` and, with `text`, `labels`.
+            `BatchFeature` with `input_features` (log-mels or waveforms, see `extract_features`),
+            `feature_attention_mask`, `language_ids`, `input_ids`, `attention_mask` and, with `text`, `labels`.
         """
         if kwargs:
             raise TypeError(f"Unexpected arguments for PotsaProcessor: {sorted(kwargs)}.")
