@@ -1,16 +1,35 @@
-"""Language-bias compensation: remove what makes a language's encoder frames *that language* before alignment.
+r"""Language-bias compensation: remove what makes a language's encoder frames *that language* before alignment.
 
 POTSA observes that a frozen speech encoder's outputs carry a large language-specific offset: time-pooled outputs of
 different utterances cluster by language more than by content. Subtracting each language's mean vector (estimated
 from unlabeled speech only) moves all languages to a shared origin, which is what lets the Q-Former and the OT loss
 treat parallel utterances as the same content. Because only audio is needed, a language with no translations at
 all can get its vector (zero-shot), and the same centroids identify the language of an unknown utterance.
+
+Is the bias only an offset? The "affine" mode also equalises each language's per-dimension spread: with
+``mu_l`` and ``sigma_l`` the mean and standard deviation of language ``l``'s time-pooled outputs and ``sigma_ref``
+the root-mean-square of ``sigma_l`` over the languages of the first estimate,
+
+.. math::
+
+    x \mapsto (x - \mu_l) \odot s_l, \qquad s_l = \sigma_{\text{ref}} / \sigma_l
+
+so every language has the same spread, ``sigma_ref``, while the frames keep the encoder's overall scale (dividing
+by ``sigma_l`` alone would blow frames up: the spread of *pooled* vectors is far below that of frames). ``s_l``
+is stored directly (a multiplicative table, 1 = identity) so that it trains like the bias, and ``sigma_ref`` is
+kept so that a language added later is scaled to the same reference.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
+from transformers import initialization as init
+
+COMPENSATION_MODES = ("mean", "affine")
+_MAX_SCALE = 100.0  # a language that barely varies in a dimension is stretched at most this much there
 
 
 def masked_time_mean(frames: torch.Tensor, frame_mask: torch.Tensor | None) -> torch.Tensor:
@@ -35,19 +54,84 @@ class LanguageBiasCompensation(nn.Module):
     """A (num_languages, hidden_size) table; row `l` is subtracted from every frame of an utterance in language `l`.
 
     The rows start at zero (identity) and are set from an estimate (`LanguageBiasEstimator`); the paper's code keeps
-    them trainable afterwards, which `PotsaConfig.train_bias` controls.
+    them trainable afterwards, which `PotsaConfig.train_bias` controls. In "affine" mode (module docstring) a second
+    table, ``scale``, multiplies the centred frames, and the buffer ``reference_std`` (zeros until the first
+    estimate) is the spread the scales aim at. A "mean" module has neither, so its checkpoints are the paper's.
+
+    Args:
+        num_languages (`int`): rows of the tables.
+        hidden_size (`int`): width of the encoder frames.
+        mode (`str`, *optional*, defaults to `"mean"`): one of `COMPENSATION_MODES`.
     """
 
-    def __init__(self, num_languages: int, hidden_size: int) -> None:
+    def __init__(self, num_languages: int, hidden_size: int, mode: str = "mean") -> None:
         super().__init__()
+        if mode not in COMPENSATION_MODES:
+            raise ValueError(f"Unknown bias compensation mode {mode!r}; choose one of {COMPENSATION_MODES}.")
         self.bias = nn.Parameter(torch.zeros(num_languages, hidden_size))
+        self.register_parameter("scale", None)
+        self.register_buffer("reference_std", None)
+        if mode == "affine":
+            self.enable_affine()
 
     @property
     def num_languages(self) -> int:
         return self.bias.shape[0]
 
+    @property
+    def mode(self) -> str:
+        return "mean" if self.scale is None else "affine"
+
+    def enable_affine(self) -> None:
+        """Switch to affine compensation in place, starting from identity scales (nothing changes until they are
+        set): how a "mean" checkpoint continues with ``bias_compensation_mode="affine"``. The scales train when the
+        bias does."""
+        if self.scale is not None:
+            return
+        self.scale = nn.Parameter(torch.ones_like(self.bias), requires_grad=self.bias.requires_grad)
+        self.reference_std = torch.zeros(self.bias.shape[1], dtype=self.bias.dtype, device=self.bias.device)
+
+    def reset_parameters(self) -> None:
+        """Identity: zero bias, unit scales, no reference yet (transformers' guarded init keeps loaded tensors, so a
+        "mean" checkpoint loaded into an affine model gets identity scales, not uninitialised memory)."""
+        init.zeros_(self.bias)
+        if self.scale is not None:
+            init.ones_(self.scale)
+            init.zeros_(self.reference_std)
+
+    @property
+    def has_reference(self) -> bool:
+        return self.reference_std is not None and bool((self.reference_std > 0).any())
+
+    @torch.no_grad()
+    def set_reference_std(self, language_stds: Iterable[torch.Tensor]) -> None:
+        """``sigma_ref``: the root-mean-square over languages of their (d,) per-dimension spreads."""
+        stds = torch.stack([std.to(self.bias) for std in language_stds])  # (languages estimated, d)
+        self.reference_std = stds.pow(2).mean(dim=0).sqrt()
+
+    @torch.no_grad()
+    def set_language_std(self, row: int, std: torch.Tensor | None) -> None:
+        """Scale language ``row`` to the reference spread, ``scale[row] = reference_std / std`` (``None``: identity),
+        at most `_MAX_SCALE` per dimension (a dimension every language leaves constant gets 0: it carries nothing).
+
+        ``row == scale.shape[0]`` appends a row: a language just added to the bias table (``add_language``).
+        """
+        if self.scale is None:
+            raise ValueError("Language spreads need affine mode: call `enable_affine()` first.")
+        if std is not None and not self.has_reference:
+            raise ValueError("No reference spread yet: call `set_reference_std` with the languages' spreads first.")
+        if row == self.scale.shape[0] < self.num_languages:
+            grown = torch.cat([self.scale.detach(), torch.ones_like(self.scale[:1])])
+            self.scale = nn.Parameter(grown, requires_grad=self.scale.requires_grad)
+        if std is None:
+            self.scale[row] = 1.0
+            return
+        floor = (self.reference_std / _MAX_SCALE).clamp_min(torch.finfo(self.bias.dtype).tiny)
+        self.scale[row] = self.reference_std / torch.maximum(std.to(self.bias), floor)
+
     def forward(self, frames: torch.Tensor, language_ids: torch.Tensor) -> torch.Tensor:
-        """frames (B, T, d), language_ids (B,) -> frames - bias[language_ids] broadcast over time."""
+        """frames (B, T, d), language_ids (B,) -> frames - bias[language_ids] broadcast over time (affine mode:
+        then times scale[language_ids])."""
         if language_ids.ndim != 1 or language_ids.shape[0] != frames.shape[0]:
             raise ValueError(
                 f"`language_ids` must have shape ({frames.shape[0]},) (one id per utterance), got "
@@ -58,7 +142,16 @@ class LanguageBiasCompensation(nn.Module):
                 f"`language_ids` must be in [0, {self.num_languages}); got {language_ids.tolist()}. Use "
                 "`config.language_id(code)` to map language codes to ids."
             )
-        return frames - self.bias[language_ids].unsqueeze(1).to(frames.dtype)
+        centred = frames - self.bias[language_ids].unsqueeze(1).to(frames.dtype)
+        if self.scale is None:
+            return centred
+        if self.scale.shape[0] != self.num_languages:
+            raise ValueError(
+                f"The bias table has {self.num_languages} languages but the scale table {self.scale.shape[0]}: a "
+                "language was added without its spread. Add languages with `training.data.apply_language_bias`, or "
+                "call `set_language_std(row, std)` for the new row."
+            )
+        return centred * self.scale[language_ids].unsqueeze(1).to(frames.dtype)
 
     @torch.no_grad()
     def nearest_language(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -72,14 +165,17 @@ class LanguageBiasCompensation(nn.Module):
 
 
 class LanguageBiasEstimator:
-    """Streaming per-language mean of time-pooled encoder outputs (float64 sums: exact over millions of clips).
+    """Streaming per-language mean and spread of time-pooled encoder outputs (float64 sums of values and squares:
+    exact over millions of clips).
 
-    Feed it batches with `update`; `means()` gives the table rows and which languages were seen. Under data
-    parallelism, `all_reduce()` sums the statistics of every process before reading them.
+    Feed it batches with `update`; `means()` gives the table rows and which languages were seen, `stds()` the
+    per-dimension spreads affine compensation needs. Under data parallelism, `all_reduce()` sums the statistics of
+    every process before reading them.
     """
 
     def __init__(self, num_languages: int, hidden_size: int) -> None:
         self.sums = torch.zeros(num_languages, hidden_size, dtype=torch.float64)
+        self.square_sums = torch.zeros(num_languages, hidden_size, dtype=torch.float64)
         self.counts = torch.zeros(num_languages, dtype=torch.float64)
 
     def update(self, pooled: torch.Tensor, language_ids: torch.Tensor) -> None:
@@ -87,15 +183,17 @@ class LanguageBiasEstimator:
         pooled = pooled.detach().to("cpu", torch.float64)
         language_ids = language_ids.detach().to("cpu")
         self.sums.index_add_(0, language_ids, pooled)
+        self.square_sums.index_add_(0, language_ids, pooled.square())
         self.counts.index_add_(0, language_ids, torch.ones_like(language_ids, dtype=torch.float64))
 
     def all_reduce(self) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            stats = torch.cat([self.sums, self.counts.unsqueeze(1)], dim=1)
+            stats = torch.cat([self.sums, self.square_sums, self.counts.unsqueeze(1)], dim=1)
             device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
             stats = stats.to(device)
             torch.distributed.all_reduce(stats)
-            self.sums, self.counts = stats[:, :-1].cpu(), stats[:, -1].cpu()
+            sums, square_sums = stats[:, :-1].cpu().chunk(2, dim=1)  # (num_languages, d) each
+            self.sums, self.square_sums, self.counts = sums, square_sums, stats[:, -1].cpu()
 
     def means(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(num_languages, d) float32 means and a (num_languages,) bool mask of languages that had any audio."""
@@ -103,5 +201,12 @@ class LanguageBiasEstimator:
         means = self.sums / self.counts.clamp_min(1.0).unsqueeze(1)
         return means.float(), seen
 
+    def stds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(num_languages, d) float32 population standard deviations and a (num_languages,) bool mask of the
+        languages with at least two utterances (a spread needs two)."""
+        counts = self.counts.clamp_min(1.0).unsqueeze(1)
+        variance = self.square_sums / counts - (self.sums / counts).square()
+        return variance.clamp_min(0.0).sqrt().float(), self.counts >= 2
 
-__all__ = ["LanguageBiasCompensation", "LanguageBiasEstimator", "masked_time_mean"]
+
+__all__ = ["COMPENSATION_MODES", "LanguageBiasCompensation", "LanguageBiasEstimator", "masked_time_mean"]

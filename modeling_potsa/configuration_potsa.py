@@ -40,7 +40,9 @@ TASK_INSTRUCTIONS: dict[str, str] = {
 }
 
 PAIR_STRATEGIES = ("random_pairwise", "english_anchor_frozen", "english_anchor")
-LAYER_SCHEDULERS = ("ucb", "fixed", "uniform", "round_robin")
+LAYER_SCHEDULERS = ("ucb", "fixed", "uniform", "round_robin", "all")
+GRADIENT_SURGERY = ("none", "pcgrad")
+BIAS_COMPENSATION_MODES = ("mean", "affine")
 _LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}([-_][A-Za-z0-9]{2,8})*$")
 
 # Published config.json values of openai/whisper-large-v3 (encoder side) and Qwen/Qwen2.5-7B-Instruct.
@@ -67,7 +69,8 @@ class PotsaConfig(PreTrainedConfig):
 
     Args:
         encoder_config (`dict` or `PreTrainedConfig`, *optional*):
-            Speech encoder config (a `WhisperConfig`; only its encoder is used). Defaults to Whisper-large-v3.
+            Speech encoder config: a `WhisperConfig` (only its encoder is used) or a wav2vec2-style one
+            (`Wav2Vec2Config`, `HubertConfig`, ...; see `speech_encoders.py`). Defaults to Whisper-large-v3.
         text_config (`dict` or `PreTrainedConfig`, *optional*):
             Causal LLM config (any `AutoConfig` model type with an `AutoModelForCausalLM`). Defaults to Qwen2.5-7B.
         qformer_config (`dict` or `Blip2QFormerConfig`, *optional*):
@@ -88,6 +91,10 @@ class PotsaConfig(PreTrainedConfig):
             Language the model writes.
         use_bias_compensation (`bool`, *optional*, defaults to `True`):
             Subtract the per-language mean encoder output from every frame.
+        bias_compensation_mode (`str`, *optional*, defaults to `"mean"`):
+            "mean" (the paper): `frames - mean[language]`. "affine": also equalise each language's per-dimension
+            spread, `(frames - mean[language]) * scale[language]` with `scale = reference_std / std[language]`
+            (see `LanguageBiasCompensation`); the scales are estimated with the means and trained like them.
         train_bias (`bool`, *optional*, defaults to `True`):
             Keep the bias table trainable after its estimate, as the paper's code does.
         speech_token_id (`int`, *optional*):
@@ -106,7 +113,25 @@ class PotsaConfig(PreTrainedConfig):
         ot_candidate_layers (`list[int]`, *optional*, defaults to `[1, 2, 3]`):
             Q-Former layers (1-based block outputs) the scheduler may align.
         ot_layer_scheduler (`str`, *optional*, defaults to `"ucb"`):
-            One of "ucb", "fixed", "uniform", "round_robin".
+            One of "ucb", "fixed", "uniform", "round_robin" (each step picks one arm: a layer, or a group of
+            `ot_layer_groups`) or "all" (every candidate layer at every step, weighted by `ot_layer_weights`).
+        ot_layer_weights (`list[float]`, *optional*):
+            Relative weights of `ot_candidate_layers` (same order, >= 0) inside an arm of several layers (the
+            "all" scheduler, or `ot_layer_groups`): an arm's OT loss is `sum_l w_l OT_l / sum_l w_l` over its
+            layers, so lambda keeps its meaning whatever the arm's size. `None`: equal weights. Only allowed when
+            an arm holds several layers (with one layer per arm the weights would have no effect).
+        ot_layer_groups (`list[list[int]]`, *optional*):
+            Arms made of several layers: the scheduler ("ucb", "uniform", "round_robin"; "fixed" with one group)
+            picks one group per step and aligns all its layers; UCB's reward is the fall of the group's weighted
+            OT loss. Every layer must be one of `ot_candidate_layers`. `None`: each candidate layer is an arm.
+        ot_gradient_surgery (`str`, *optional*, defaults to `"none"`):
+            "pcgrad": when the step's OT gradient conflicts with its CE gradient (negative dot product on the
+            parameters both reach), remove its component along the CE gradient (see `training/trainer.py`).
+        ot_gradient_cosine_every (`int`, *optional*, defaults to 0):
+            Every this many optimizer steps, log the cosine between the CE gradient and the gradient of the OT
+            loss at each Q-Former layer alone, on that layer's parameters (`grad_cosine_layer_{l}`, every layer,
+            aligned or not), and with the applied OT gradient (`grad_cosine_ot`, what PCGrad tests). Such a step
+            costs one more OT loss and Q-Former backward per layer. 0: never.
         ot_pair_strategy (`str`, *optional*, defaults to `"random_pairwise"`):
             One of "random_pairwise", "english_anchor_frozen", "english_anchor".
         anchor_language (`str`, *optional*, defaults to `"en"`):
@@ -134,6 +159,7 @@ class PotsaConfig(PreTrainedConfig):
     languages: list[str] = field(default_factory=lambda: ["en", "es", "ja", "ko", "ru", "zh"])
     target_language: str = "zh"
     use_bias_compensation: bool = True
+    bias_compensation_mode: str = "mean"
     train_bias: bool = True
     speech_token: str = SPEECH_TOKEN
     speech_token_id: int | None = None
@@ -144,6 +170,10 @@ class PotsaConfig(PreTrainedConfig):
     ot_blur: float = 0.05
     ot_candidate_layers: list[int] = field(default_factory=lambda: [1, 2, 3])
     ot_layer_scheduler: str = "ucb"
+    ot_layer_weights: list[float] | None = None
+    ot_layer_groups: list[list[int]] | None = None
+    ot_gradient_surgery: str = "none"
+    ot_gradient_cosine_every: int = 0
     ot_pair_strategy: str = "random_pairwise"
     anchor_language: str = "en"
     ucb_beta: float = 1.0
@@ -227,6 +257,22 @@ class PotsaConfig(PreTrainedConfig):
             raise ValueError(f"`ot_candidate_layers` has duplicates: {self.ot_candidate_layers}.")
         if self.ot_layer_scheduler not in LAYER_SCHEDULERS:
             raise ValueError(f"`ot_layer_scheduler` must be one of {LAYER_SCHEDULERS}, got {self.ot_layer_scheduler!r}.")
+        self._validate_layer_arms()
+        if self.ot_gradient_surgery not in GRADIENT_SURGERY:
+            raise ValueError(
+                f"`ot_gradient_surgery` must be one of {GRADIENT_SURGERY}, got {self.ot_gradient_surgery!r}."
+            )
+        if isinstance(self.ot_gradient_cosine_every, bool) or not (
+            isinstance(self.ot_gradient_cosine_every, int) and self.ot_gradient_cosine_every >= 0
+        ):
+            raise ValueError(
+                f"`ot_gradient_cosine_every` must be an integer >= 0 (0 = off), got {self.ot_gradient_cosine_every!r}."
+            )
+        if self.bias_compensation_mode not in BIAS_COMPENSATION_MODES:
+            raise ValueError(
+                f"`bias_compensation_mode` must be one of {BIAS_COMPENSATION_MODES}, got "
+                f"{self.bias_compensation_mode!r}."
+            )
         if self.ot_pair_strategy not in PAIR_STRATEGIES:
             raise ValueError(f"`ot_pair_strategy` must be one of {PAIR_STRATEGIES}, got {self.ot_pair_strategy!r}.")
         if self.ucb_beta < 0:
@@ -244,6 +290,49 @@ class PotsaConfig(PreTrainedConfig):
                 f"Q-Former hidden size {self.qformer_config.hidden_size} is not divisible by its "
                 f"{self.qformer_config.num_attention_heads} attention heads."
             )
+
+    def _validate_layer_arms(self) -> None:
+        """`ot_layer_weights` and `ot_layer_groups` refer to `ot_candidate_layers` (checked before this)."""
+        candidates = self.ot_candidate_layers
+        weights = self.ot_layer_weights
+        if weights is not None:
+            if len(weights) != len(candidates):
+                raise ValueError(
+                    f"`ot_layer_weights` has {len(weights)} values for {len(candidates)} `ot_candidate_layers` "
+                    f"{candidates}; give one weight per candidate layer, in the same order."
+                )
+            valid = [not isinstance(w, bool) and isinstance(w, (int, float)) and 0 <= w < float("inf") for w in weights]
+            if not all(valid):
+                raise ValueError(f"`ot_layer_weights` must be finite numbers >= 0, got {weights}.")
+        groups = self.ot_layer_groups
+        if groups is not None:
+            if self.ot_layer_scheduler == "all":
+                raise ValueError(
+                    "The 'all' scheduler aligns every candidate layer; `ot_layer_groups` are for the schedulers that "
+                    "pick one group per step (ucb, uniform, round_robin, fixed). Remove one of the two."
+                )
+            if not groups or any(not group for group in groups):
+                raise ValueError(f"`ot_layer_groups` must be non-empty lists of layers, got {groups}.")
+            for group in groups:
+                outside = [layer for layer in group if layer not in candidates]
+                if outside:
+                    raise ValueError(
+                        f"OT layer group {group} uses layers {outside} that are not in `ot_candidate_layers` "
+                        f"{candidates}; add them there (`ot_layer_weights` follow that list)."
+                    )
+                if len(set(group)) != len(group):
+                    raise ValueError(f"OT layer group {group} lists a layer more than once.")
+            if len({frozenset(group) for group in groups}) != len(groups):
+                raise ValueError(f"`ot_layer_groups` has duplicate groups: {groups}.")
+        arms = [candidates] if self.ot_layer_scheduler == "all" else groups
+        if weights is not None and arms is None:
+            raise ValueError(
+                "`ot_layer_weights` weigh the layers of an arm of several layers; with one layer per step they have no "
+                "effect. Use `ot_layer_scheduler: all` or `ot_layer_groups`, or drop the weights."
+            )
+        for arm in arms or ():
+            if weights is not None and not sum(weights[candidates.index(layer)] for layer in arm) > 0:
+                raise ValueError(f"The layers {arm} all have weight 0 in `ot_layer_weights`; give one a weight > 0.")
 
     @classmethod
     def from_base_models(cls, encoder_model_id: str, text_model_id: str, **kwargs: Any) -> PotsaConfig:

@@ -10,6 +10,8 @@ import torch
 
 from modeling_potsa.tiny import build_tiny_potsa
 
+pytest_plugins = ["tests.tiny_runs"]  # `corpus` and `model_yaml`: the tiny training runs' data and base checkpoints
+
 SAMPLING_RATE = 16_000
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the network; fail fast instead of retrying
 torch.set_num_threads(1)  # tiny models gain nothing from a second thread, and lose a lot when it is busy

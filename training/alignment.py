@@ -200,4 +200,35 @@ def alignment_loss(
     return sinkhorn_divergence(first, second, blur=blur, mode=mode, **ot_kwargs).mean()
 
 
-__all__ = ["ALIGNMENT_STRATEGIES", "alignment_loss", "find_parallel_pairs"]
+def weighted_alignment_loss(
+    hidden_states: Sequence[torch.Tensor],
+    layer_weights: Sequence[tuple[int, float]],
+    pairs: Sequence[tuple[int, int]],
+    strategy: str,
+    **kwargs: Any,
+) -> torch.Tensor:
+    r"""The OT loss of a scheduler arm, :math:`\sum_l w_l \mathcal{L}_{\text{OT}}(l)` over its (layer, weight) pairs.
+
+    Args:
+        hidden_states (`Sequence[torch.Tensor]`):
+            Every Q-Former layer's states, index ``l`` = output of block ``l`` (index 0: the query embeddings), each
+            of shape `(batch_size, num_queries, hidden_size)`.
+        layer_weights (`Sequence[tuple[int, float]]`):
+            The ``(layer, weight)`` pairs, e.g. a scheduler's ``current_layers`` (weights already normalised).
+        pairs, strategy, kwargs:
+            As for `alignment_loss`, applied at every layer.
+
+    Returns:
+        `torch.Tensor`: a scalar; a single layer of weight 1 gives exactly `alignment_loss` at that layer.
+    """
+    if not layer_weights:
+        raise ValueError("layer_weights is empty; give at least one (layer, weight) pair.")
+    for layer, _ in layer_weights:
+        if not 1 <= layer < len(hidden_states):
+            raise ValueError(f"Layer {layer} is outside the Q-Former's layers 1..{len(hidden_states) - 1}.")
+    return sum(
+        weight * alignment_loss(hidden_states[layer], pairs, strategy, **kwargs) for layer, weight in layer_weights
+    )
+
+
+__all__ = ["ALIGNMENT_STRATEGIES", "alignment_loss", "find_parallel_pairs", "weighted_alignment_loss"]

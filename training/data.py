@@ -179,7 +179,8 @@ def row_waveform(row: Row, processor: PotsaProcessor) -> torch.Tensor:
 
 
 def audio_features(rows: Sequence[Row], processor: PotsaProcessor) -> dict[str, torch.Tensor]:
-    """`input_features` (B, n_mels, frames) padded to the encoder window + `feature_attention_mask` (B, frames)."""
+    """`input_features` padded to the encoder window + `feature_attention_mask`: log-mels (B, n_mels, frames) for
+    Whisper, waveforms (B, samples) for wav2vec2-style encoders (see `PotsaProcessor.extract_features`)."""
     return processor.extract_features([row_waveform(row, processor) for row in rows])
 
 
@@ -704,6 +705,18 @@ def _dataset_batches(
         yield {**inputs, "languages": [row["language"] for row in rows]}
 
 
+class LanguageBiasEstimate(dict):
+    """{language: (d_enc,) mean vector}, the bias rows, plus ``std``: {language: (d_enc,) per-dimension spread} for
+    the languages with at least two utterances, which affine compensation needs (see `apply_language_bias`).
+
+    A dict of the means, so code that only wants the means (mean compensation, the paper) reads it as before.
+    """
+
+    def __init__(self, means: Mapping[str, torch.Tensor], std: Mapping[str, torch.Tensor]) -> None:
+        super().__init__(means)
+        self.std = dict(std)
+
+
 @torch.no_grad()
 def estimate_language_bias(
     model: PotsaForSpeechTranslation,
@@ -726,7 +739,8 @@ def estimate_language_bias(
         max_per_language: use at most this many utterances of each language (per process, for a loader).
 
     Returns:
-        {language: (d_enc,) float32 vector} for every language that had audio; feed it to `apply_language_bias`.
+        `LanguageBiasEstimate`: {language: (d_enc,) float32 mean} for every language that had audio, with their
+        spreads in ``.std``; feed it to `apply_language_bias`.
     """
     languages = list(processor.languages if languages is None else languages)
     estimator = LanguageBiasEstimator(len(languages), model.config.encoder_hidden_size)
@@ -751,17 +765,26 @@ def estimate_language_bias(
         estimator.update(pooled[keep], language_ids)
     estimator.all_reduce()
     means, seen = estimator.means()
+    stds, spread = estimator.stds()
     unseen = [code for code, was_seen in zip(languages, seen.tolist()) if not was_seen]
     if unseen:
         logger.warning("No audio for %s: their bias vectors were not estimated.", unseen)
-    return {code: means[row] for row, code in enumerate(languages) if seen[row]}
+    return LanguageBiasEstimate(
+        {code: means[row] for row, code in enumerate(languages) if seen[row]},
+        {code: stds[row] for row, code in enumerate(languages) if spread[row]},
+    )
 
 
 def apply_language_bias(
     model: PotsaForSpeechTranslation, biases: Mapping[str, torch.Tensor], processor: PotsaProcessor | None = None
 ) -> None:
     """Write estimated vectors into the model: known languages are updated, new ones added (a zero-shot language
-    needs only audio). Pass the processor to let it accept the new languages too."""
+    needs only audio). Pass the processor to let it accept the new languages too.
+
+    With ``config.bias_compensation_mode == "affine"`` the model's compensation is switched to affine if it is not
+    yet (a "mean" checkpoint continued as affine), and each language's scale is set from ``biases.std`` (a
+    `LanguageBiasEstimate`): the first estimate also fixes the reference spread, which later languages reuse.
+    """
     for code, vector in biases.items():
         if code in model.config.languages:
             model.set_language_bias(code, vector)
@@ -769,6 +792,28 @@ def apply_language_bias(
             model.add_language(code, vector)
         if processor is not None and code not in processor.languages:
             processor.languages.append(code)
+    if model.config.bias_compensation_mode == "affine":
+        _apply_language_spreads(model, biases)
+
+
+def _apply_language_spreads(model: PotsaForSpeechTranslation, biases: Mapping[str, torch.Tensor]) -> None:
+    stds = getattr(biases, "std", None)
+    if stds is None:
+        raise ValueError(
+            "Affine bias compensation needs each language's spread as well as its mean: pass the result of "
+            "`estimate_language_bias` (a LanguageBiasEstimate), not a plain dict of vectors."
+        )
+    without_spread = sorted(set(biases) - set(stds))
+    if without_spread:
+        logger.warning("Under two utterances of %s: their scales stay as they are (identity if new).", without_spread)
+    compensation = model.bias_compensation
+    compensation.enable_affine()
+    if stds and not compensation.has_reference:
+        compensation.set_reference_std(stds.values())
+    for code in biases:  # the order `add_language` appended new rows in, so each is the next row to append
+        row = model.config.language_id(code)
+        if code in stds or row == compensation.scale.shape[0]:
+            compensation.set_language_std(row, stds.get(code))
 
 
 # ---------------------------------------------------------------------------------------------------------- cache
@@ -777,7 +822,8 @@ CACHE_METADATA = "metadata.json"
 KEY_COLUMN = "utterance_key"
 # Config entries that name or describe a checkpoint without changing what the encoder computes.
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype")
-_FEATURE_SETTINGS = ("feature_size", "sampling_rate", "hop_length", "n_fft", "chunk_length")
+# Those of them the feature extractor has: Whisper's log-mel settings, or wav2vec2's waveform normalisation.
+_FEATURE_SETTINGS = ("feature_size", "sampling_rate", "hop_length", "n_fft", "chunk_length", "do_normalize")
 
 
 def encoder_fingerprint(model: PotsaForSpeechTranslation, processor: PotsaProcessor) -> dict[str, Any]:
@@ -793,7 +839,7 @@ def encoder_fingerprint(model: PotsaForSpeechTranslation, processor: PotsaProces
         digest.update(name.encode())
         digest.update(parameter.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     extractor = processor.feature_extractor
-    features = {name: getattr(extractor, name) for name in _FEATURE_SETTINGS}
+    features = {name: getattr(extractor, name) for name in _FEATURE_SETTINGS if hasattr(extractor, name)}
     return {"encoder_config": config, "weights_sha256": digest.hexdigest(), "features": features}
 
 
@@ -979,6 +1025,7 @@ __all__ = [
     "EncoderCache",
     "ParallelBatchSampler",
     "PotsaCollator",
+    "LanguageBiasEstimate",
     "apply_language_bias",
     "audio_features",
     "audio_input",

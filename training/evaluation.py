@@ -10,6 +10,13 @@ Alignment (the paper's two analyses), on the Q-Former output of parallel utteran
   the same eval set the parallel one? Averaged over ordered language pairs.
 - 1 - JSD: each pooled vector becomes a distribution (softmax over features); the Jensen-Shannon divergence (base 2,
   in [0, 1]) between parallel utterances, averaged over pairs, subtracted from 1. 1 = identical distributions.
+
+Is the language bias really additive? A language-ID probe: a linear classifier (multinomial logistic regression)
+trained on half of the eval sentences and tested on the other half, on (a) the time-pooled encoder outputs, (b) the
+same after bias compensation, (c) the pooled Q-Former output. Subtracting each language's own mean makes the class
+means coincide (on the audio the means were estimated from), and a linear probe then has little to go on but
+higher-order differences, so (b) near chance says the bias is an offset; (b) well above chance says it is not only
+one (or that the means do not carry over to new audio); (c) says whether the Q-Former brings language back.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +127,91 @@ def one_minus_jsd(pooled: torch.Tensor, sentence_ids: Sequence[str], languages: 
     return 1.0 - torch.cat(divergences).mean().item()
 
 
+def _probe_split(sentence_ids: Sequence[str], held_out_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Train / held-out utterance positions, split by sentence: every utterance of a sentence (all its languages)
+    lands on one side, so the probe is tested on content it has not seen."""
+    sentences = sorted(set(sentence_ids))
+    order = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(seed)).tolist()
+    held_out = {sentences[k] for k in order[: round(held_out_fraction * len(sentences))]}
+    train = [i for i, sentence in enumerate(sentence_ids) if sentence not in held_out]
+    test = [i for i, sentence in enumerate(sentence_ids) if sentence in held_out]
+    return train, test
+
+
+def _fit_linear_classifier(features: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: int, l2: float):
+    """Multinomial logistic regression by full-batch LBFGS from zero weights (deterministic); float64 features."""
+    weight = torch.zeros(features.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(features @ weight + bias, labels) + l2 * weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return weight.detach(), bias.detach()
+
+
+def language_id_probe(
+    features: torch.Tensor,
+    languages: Sequence[str],
+    sentence_ids: Sequence[str],
+    *,
+    held_out_fraction: float = 0.5,
+    steps: int = 200,
+    l2: float = 1e-3,
+    seed: int = 0,
+) -> float | None:
+    """Held-out accuracy of a linear language-ID classifier on ``features``: how linearly identifiable the
+    language still is.
+
+    Features are standardised with the training part's statistics (an affine map: linear separability is unchanged,
+    LBFGS converges); the L2 penalty keeps the fit finite when the training part is separable.
+
+    Args:
+        features (`torch.Tensor` of shape `(num_utterances, dim)`): one vector per utterance, e.g. pooled states.
+        languages (`Sequence[str]`): per utterance, its language (the class).
+        sentence_ids (`Sequence[str]`): per utterance, its sentence; the split keeps a sentence on one side.
+        held_out_fraction (`float`, *optional*, defaults to 0.5): share of sentences held out for testing.
+        steps (`int`, *optional*, defaults to 200): LBFGS iterations.
+        l2 (`float`, *optional*, defaults to 1e-3): weight of the squared-weight penalty.
+        seed (`int`, *optional*, defaults to 0): seeds the split (the fit itself has no randomness).
+
+    Returns:
+        `float` in [0, 1], or `None` without two languages or without utterances on both sides of the split.
+    """
+    classes = sorted(set(languages))
+    train, test = _probe_split(sentence_ids, held_out_fraction, seed)
+    if len(classes) < 2 or not train or not test:
+        return None
+    labels = torch.tensor([classes.index(language) for language in languages])
+    x = features.double()
+    mean, std = x[train].mean(dim=0), x[train].std(dim=0, unbiased=False).clamp_min(1e-12)
+    x = (x - mean) / std  # (num_utterances, dim)
+    weight, bias = _fit_linear_classifier(x[train], labels[train], len(classes), steps, l2)
+    predictions = (x[test] @ weight + bias).argmax(dim=1)
+    return (predictions == labels[test]).double().mean().item()
+
+
+def language_probe_metrics(
+    settings: Mapping[str, torch.Tensor], languages: Sequence[str], sentence_ids: Sequence[str], seed: int = 0
+) -> dict[str, float]:
+    """`language_id_probe` accuracy per named feature set, as ``lid_probe_{name}``, and ``lid_probe_chance``: the
+    held-out share of the most frequent language (what a probe that learned nothing scores)."""
+    metrics = {}
+    for name, features in settings.items():
+        accuracy = language_id_probe(features, languages, sentence_ids, seed=seed)
+        if accuracy is not None:
+            metrics[f"lid_probe_{name}"] = accuracy
+    if metrics:
+        _, test = _probe_split(sentence_ids, 0.5, seed)
+        metrics["lid_probe_chance"] = max(Counter(languages[i] for i in test).values()) / len(test)
+    return metrics
+
+
 def score_predictions(
     predictions: Sequence[Prediction], target_language: str, groups: Mapping[str, Iterable[str]] | None = None
 ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
@@ -164,24 +256,37 @@ def evaluate_model(
     groups: Mapping[str, Iterable[str]] | None = None,
     task: str = "translate",
     show_progress: bool = True,
+    language_probe: bool = True,
     **generate_kwargs: Any,
 ) -> EvaluationResult:
     """Translate every batch (from `eval_batches`), score per language, and measure alignment.
 
     Generation uses fresh left-padded prompts for the batch's languages; the alignment metrics use the last
-    Q-Former layer's states, mean-pooled over queries.
+    Q-Former layer's states, mean-pooled over queries. With ``language_probe``, the alignment metrics also hold
+    the language-ID probe accuracies (module docstring) on the pooled encoder output (``lid_probe_encoder``), the
+    same after compensation (``lid_probe_compensated``, with bias compensation on; the compensation is per
+    utterance and affine, so compensating the pooled vector equals pooling the compensated frames) and the pooled
+    last Q-Former layer (``lid_probe_qformer``), with ``lid_probe_chance`` for reference.
     """
     model.eval()
     device = next(model.parameters()).device
     predictions: list[Prediction] = []
     pooled = []
+    probe_features: dict[str, list[torch.Tensor]] = defaultdict(list)
     generate_kwargs = {"max_new_tokens": 64, "num_beams": 1, "do_sample": False, **generate_kwargs}
     for batch in tqdm(batches, desc="evaluating", disable=not show_progress, leave=False):
         speech = {key: batch[key].to(device) for key in SPEECH_INPUTS if key in batch}
         prompts = {key: value.to(device) for key, value in processor.tokenize(batch["languages"], task).items()}
         generated = model.generate(**speech, **prompts, **generate_kwargs)
         hypotheses = processor.batch_decode_translations(generated, task=task)
-        pooled.append(model.encode(**speech).qformer_hidden_states[-1].mean(dim=1).cpu())
+        encoded = model.encode(**speech)
+        pooled.append(encoded.qformer_hidden_states[-1].mean(dim=1).cpu())
+        if language_probe:
+            probe_features["encoder"].append(encoded.pooled_speech.cpu())
+            if model.config.use_bias_compensation:
+                compensated = model.bias_compensation(encoded.pooled_speech.unsqueeze(1), speech["language_ids"])
+                probe_features["compensated"].append(compensated.squeeze(1).cpu())  # (B, d_enc)
+            probe_features["qformer"].append(pooled[-1])
         predictions += [
             Prediction(language, sentence_id, hypothesis, reference)
             for language, sentence_id, hypothesis, reference in zip(
@@ -200,6 +305,9 @@ def evaluate_model(
         )
         if value is not None
     }
+    if probe_features:
+        features = {name: torch.cat(parts) for name, parts in probe_features.items()}
+        alignment.update(language_probe_metrics(features, languages, sentence_ids))
     return EvaluationResult(per_language, group_scores, alignment, predictions)
 
 
@@ -237,6 +345,8 @@ __all__ = [
     "eval_batches",
     "Prediction",
     "evaluate_model",
+    "language_id_probe",
+    "language_probe_metrics",
     "one_minus_jsd",
     "recall_at_1",
     "score_predictions",

@@ -30,6 +30,16 @@ Mapping to the paper's formula, ``score = Q - beta * sqrt(log t / (n + eps))`` s
 two sample the same distribution; in both the exploration bonus *raises* the probability of rarely tried layers.
 Read with ``Q`` as the improvement instead, the same formula would favour layers whose loss falls least.
 
+Arms. By default every candidate layer is an arm (the paper). Two generalisations answer "which layers?":
+
+- ``groups``: each arm is a group of layers (e.g. ``[[1], [1, 2], [1, 2, 3]]``), aligned together when picked; the
+  arm's loss is the weighted mean of its layers' OT losses, and UCB's reward is the fall of that loss.
+- the ``"all"`` scheduler: one arm holding every candidate layer, so a fixed set of layers is aligned every step.
+
+Inside an arm, ``layer_weights`` (aligned with ``candidate_layers``) weigh the layers, normalised to sum to 1 over
+the arm: ``OT_arm = sum_l w_l OT_l / sum_l w_l``. Normalising keeps lambda's meaning and makes arms of different
+sizes comparable (their rewards are on one scale). ``current_layers`` gives the step's ``(layer, weight)`` pairs.
+
 Randomness never touches the global RNGs (training randomness stays as it was): the draw at step ``t`` comes from a
 ``random.Random`` seeded with ``(seed, t)``, so the generator state is just ``seed`` and ``t`` and a restored
 scheduler draws exactly what an uninterrupted one would. Under ``torch.distributed`` every rank computes the same
@@ -64,10 +74,10 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _broadcast_from_rank0(layer: int) -> int:
+def _broadcast_from_rank0(value: int) -> int:
     if not _is_distributed():
-        return layer
-    tensor = torch.tensor([layer], dtype=torch.long, device=_collective_device())
+        return value
+    tensor = torch.tensor([value], dtype=torch.long, device=_collective_device())
     dist.broadcast(tensor, src=0)
     return int(tensor.item())
 
@@ -102,31 +112,144 @@ def _check_layers(candidate_layers: Iterable[int]) -> tuple[int, ...]:
     return layers
 
 
-class LayerScheduler:
-    """Base of all layer schedulers: validation, pick counts, the rank-0 broadcast and (de)serialisation.
+def _check_weights(
+    layer_weights: Iterable[float] | None, candidate_layers: tuple[int, ...]
+) -> tuple[float, ...] | None:
+    if layer_weights is None:
+        return None
+    weights = tuple(float(weight) for weight in layer_weights)
+    if len(weights) != len(candidate_layers):
+        raise ValueError(
+            f"layer_weights has {len(weights)} values for the candidate layers {list(candidate_layers)}; give one "
+            "weight per candidate layer, in the same order."
+        )
+    if not all(0 <= weight < math.inf for weight in weights):
+        raise ValueError(f"layer_weights must be finite and >= 0; got {list(weights)}.")
+    return weights
 
-    The trainer calls ``select()`` once at the start of every optimizer step and ``update(ot_loss)`` once at its end
-    with the detached OT loss measured at ``current_layer``, averaged over the step's micro-batches. Subclasses only
-    decide which layer to pick (``_choose``) and, for adaptive ones, what to learn from the loss (``update``).
+
+def _check_groups(
+    groups: Iterable[Iterable[int]] | None, candidate_layers: tuple[int, ...]
+) -> tuple[tuple[int, ...], ...] | None:
+    if groups is None:
+        return None
+    checked = tuple(tuple(group) for group in groups)
+    if not checked or not all(checked):
+        raise ValueError(f"groups must be non-empty lists of candidate layers; got {[list(g) for g in checked]}.")
+    for group in checked:
+        outside = [layer for layer in group if layer not in candidate_layers]
+        if outside:
+            raise ValueError(
+                f"The group {list(group)} uses {outside}, which are not candidate layers {list(candidate_layers)}."
+            )
+        if len(set(group)) != len(group):
+            raise ValueError(f"The group {list(group)} lists a layer more than once.")
+    if len({frozenset(group) for group in checked}) != len(checked):
+        raise ValueError(f"groups lists the same group twice: {[list(g) for g in checked]}.")
+    return checked
+
+
+Arm = int | tuple[int, ...]
+"""What a scheduler picks for one step: a Q-Former layer, or a group of layers aligned together."""
+
+
+def arm_label(arm: Arm) -> str:
+    """The arm's name in logs: ``layer_2`` for a layer, ``layers_1_2_3`` for a group."""
+    return f"layer_{arm}" if isinstance(arm, int) else "layers_" + "_".join(map(str, arm))
+
+
+def _arm_to_json(arm: Arm | None) -> int | list[int] | None:
+    return list(arm) if isinstance(arm, tuple) else arm
+
+
+def _arm_from_json(value: int | list[int] | None) -> Arm | None:
+    return tuple(value) if isinstance(value, list) else value
+
+
+class LayerScheduler:
+    """Base of all layer schedulers: validation, arms, pick counts, the rank-0 broadcast and (de)serialisation.
+
+    The trainer calls ``select()`` once at the start of every optimizer step, applies the OT loss at
+    ``current_layers`` and calls ``update(ot_loss)`` once at the step's end with that (weighted) OT loss, detached
+    and averaged over the step's micro-batches. Subclasses only decide which arm to pick (``_choose``) and, for
+    adaptive ones, what to learn from the loss (``update``).
 
     Args:
         candidate_layers (`Iterable[int]`):
             The 1-based Q-Former layers to choose from, each once. Their order is kept (round-robin follows it).
         seed (`int`, *optional*, defaults to 0):
             Seeds the scheduler's own draws; use the same seed on every rank.
+        layer_weights (`Iterable[float]`, *optional*):
+            Relative weights of ``candidate_layers`` inside arms of several layers (the module docstring gives the
+            normalisation); ``None``: equal. Refused when every arm is one layer, where they would do nothing.
+        groups (`Iterable[Iterable[int]]`, *optional*):
+            Arms made of several candidate layers, in this order; ``None``: each candidate layer is an arm.
     """
 
     name: ClassVar[str]
 
-    def __init__(self, candidate_layers: Iterable[int], seed: int = 0) -> None:
+    def __init__(
+        self,
+        candidate_layers: Iterable[int],
+        seed: int = 0,
+        *,
+        layer_weights: Iterable[float] | None = None,
+        groups: Iterable[Iterable[int]] | None = None,
+    ) -> None:
         self.candidate_layers = _check_layers(candidate_layers)
         self.seed = seed
-        self.current_layer: int | None = None
-        self._pick_counts = dict.fromkeys(self.candidate_layers, 0)
+        self.layer_weights = _check_weights(layer_weights, self.candidate_layers)
+        self.groups = _check_groups(groups, self.candidate_layers)
+        self.arms: tuple[Arm, ...] = self._arms()
+        self._check_arm_weights()
+        self.current_arm: Arm | None = None
+        self._pick_counts = dict.fromkeys(self.arms, 0)
+
+    def _arms(self) -> tuple[Arm, ...]:
+        return self.candidate_layers if self.groups is None else self.groups
+
+    def _check_arm_weights(self) -> None:
+        if self.layer_weights is not None and all(isinstance(arm, int) for arm in self.arms):
+            raise ValueError(
+                "layer_weights weigh the layers of an arm of several layers; with one layer per arm they have no "
+                "effect. Use the 'all' scheduler or groups, or drop the weights."
+            )
+        for arm in self.arms:
+            if not sum(self._weight(layer) for layer in self.layers_of(arm)) > 0:
+                raise ValueError(f"The layers {list(self.layers_of(arm))} all have weight 0; give one a weight > 0.")
+
+    @staticmethod
+    def layers_of(arm: Arm) -> tuple[int, ...]:
+        return (arm,) if isinstance(arm, int) else arm
+
+    def _weight(self, layer: int) -> float:
+        return 1.0 if self.layer_weights is None else self.layer_weights[self.candidate_layers.index(layer)]
+
+    def arm_weights(self, arm: Arm) -> tuple[tuple[int, float], ...]:
+        """``(layer, weight)`` of the arm's layers with a weight > 0, normalised to sum to 1."""
+        weights = {layer: self._weight(layer) for layer in self.layers_of(arm)}
+        total = sum(weights.values())
+        return tuple((layer, weight / total) for layer, weight in weights.items() if weight > 0)
 
     @property
-    def pick_counts(self) -> dict[int, int]:
-        """How often ``select()`` returned each candidate layer."""
+    def current_layers(self) -> tuple[tuple[int, float], ...]:
+        """This step's ``(layer, weight)`` pairs: the OT loss is ``sum(weight * OT(layer))``."""
+        return self.arm_weights(self._require_selection())
+
+    @property
+    def current_layer(self) -> int | None:
+        """This step's layer when every arm is one layer (the paper's setting); ``None`` before the first step.
+
+        Raises for an arm of several layers, where one layer would misreport the step: read `current_layers`."""
+        if isinstance(self.current_arm, tuple):
+            raise RuntimeError(
+                f"This scheduler picks groups of layers ({list(self.current_arm)}); read current_layers."
+            )
+        return self.current_arm
+
+    @property
+    def pick_counts(self) -> dict[Arm, int]:
+        """How often ``select()`` returned each arm."""
         return dict(self._pick_counts)
 
     @property
@@ -134,15 +257,15 @@ class LayerScheduler:
         """Number of ``select()`` calls so far; the next call is step ``t = step + 1``."""
         return sum(self._pick_counts.values())
 
-    def select(self) -> int:
-        """Pick the layer for this optimizer step, store it as ``current_layer`` and return it (same on every rank)."""
-        layer = _broadcast_from_rank0(self._choose(self.step + 1))
-        self.current_layer = layer
-        self._pick_counts[layer] += 1
-        return layer
+    def select(self) -> Arm:
+        """Pick the arm for this optimizer step, store it as ``current_arm`` and return it (same on every rank)."""
+        arm = self.arms[_broadcast_from_rank0(self.arms.index(self._choose(self.step + 1)))]
+        self.current_arm = arm
+        self._pick_counts[arm] += 1
+        return arm
 
     def update(self, ot_loss: float | None) -> None:
-        """Report the step's detached OT loss at ``current_layer``; ``None`` when this rank measured none.
+        """Report the step's detached OT loss at ``current_layers``; ``None`` when this rank measured none.
 
         Call it on every rank, even with ``None``. Non-adaptive schedulers ignore the loss.
         """
@@ -150,13 +273,18 @@ class LayerScheduler:
 
     def config(self) -> dict[str, Any]:
         """Keyword arguments of `build_layer_scheduler` that rebuild this scheduler (JSON-serialisable)."""
-        return {"name": self.name, "candidate_layers": list(self.candidate_layers), "seed": self.seed}
+        config = {"name": self.name, "candidate_layers": list(self.candidate_layers), "seed": self.seed}
+        if self.layer_weights is not None:
+            config["layer_weights"] = list(self.layer_weights)
+        if self.groups is not None:
+            config["groups"] = [list(group) for group in self.groups]
+        return config
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable state; per-layer values are lists in ``candidate_layers`` order."""
+        """JSON-serialisable state; per-arm values are lists in ``arms`` order."""
         return {
             "config": self.config(),
-            "current_layer": self.current_layer,
+            "current_arm": _arm_to_json(self.current_arm),
             "pick_counts": self._as_list(self._pick_counts),
         }
 
@@ -167,34 +295,33 @@ class LayerScheduler:
                 f"This state was saved by the layer scheduler {state['config']}, but this one is {self.config()}; "
                 "build the scheduler with the saved settings to resume."
             )
-        self.current_layer = state["current_layer"]
+        self.current_arm = _arm_from_json(state["current_arm"])
         self._pick_counts = self._from_list(state["pick_counts"])
 
-    def _choose(self, step: int) -> int:
+    def _choose(self, step: int) -> Arm:
         raise NotImplementedError
 
     def _rng(self, step: int) -> random.Random:
         """The generator for step ``step``: a pure function of ``(seed, step)``, so it needs no saved state."""
         return random.Random(f"{self.seed}:{step}")
 
-    def _require_selection(self) -> int:
-        if self.current_layer is None:
-            raise RuntimeError("update() was called before select(); call select() at the start of each step.")
-        return self.current_layer
+    def _require_selection(self) -> Arm:
+        if self.current_arm is None:
+            raise RuntimeError("No layer is selected yet; call select() at the start of each step.")
+        return self.current_arm
 
-    def _as_list(self, per_layer: Mapping[int, Any]) -> list[Any]:
-        return [per_layer[layer] for layer in self.candidate_layers]
+    def _as_list(self, per_arm: Mapping[Arm, Any]) -> list[Any]:
+        return [per_arm[arm] for arm in self.arms]
 
-    def _from_list(self, values: list[Any]) -> dict[int, Any]:
-        return dict(zip(self.candidate_layers, values, strict=True))
+    def _from_list(self, values: list[Any]) -> dict[Arm, Any]:
+        return dict(zip(self.arms, values, strict=True))
 
 
 class UCBLayerScheduler(LayerScheduler):
     """POTSA's UCB scheduler (the module docstring gives the rule and its mapping to the paper).
 
     Args:
-        candidate_layers (`Iterable[int]`): See `LayerScheduler`.
-        seed (`int`, *optional*, defaults to 0): See `LayerScheduler`.
+        candidate_layers, seed, layer_weights, groups: See `LayerScheduler`; the arms are the bandit's arms.
         beta (`float`, *optional*, defaults to 1.0):
             Weight of the exploration bonus.
         ema (`float`, *optional*, defaults to 0.9):
@@ -214,13 +341,15 @@ class UCBLayerScheduler(LayerScheduler):
         candidate_layers: Iterable[int],
         seed: int = 0,
         *,
+        layer_weights: Iterable[float] | None = None,
+        groups: Iterable[Iterable[int]] | None = None,
         beta: float = 1.0,
         ema: float = 0.9,
         temperature_floor: float = 0.05,
         temperature_decay: float = 0.999,
         eps: float = 1e-6,
     ) -> None:
-        super().__init__(candidate_layers, seed)
+        super().__init__(candidate_layers, seed, layer_weights=layer_weights, groups=groups)
         if beta < 0:
             raise ValueError(f"beta must be >= 0 (0 turns exploration off); got {beta}.")
         if not 0 <= ema < 1:
@@ -236,43 +365,42 @@ class UCBLayerScheduler(LayerScheduler):
         self.temperature_floor = temperature_floor
         self.temperature_decay = temperature_decay
         self.eps = eps
-        self._value = dict.fromkeys(self.candidate_layers, 0.0)
-        self._visits = dict.fromkeys(self.candidate_layers, 0)
-        self._last_loss: dict[int, float | None] = dict.fromkeys(self.candidate_layers)
+        self._value = dict.fromkeys(self.arms, 0.0)
+        self._visits = dict.fromkeys(self.arms, 0)
+        self._last_loss: dict[Arm, float | None] = dict.fromkeys(self.arms)
 
     def temperature(self, step: int) -> float:
         """Softmax temperature at 1-based step ``step``."""
         return max(self.temperature_floor, self.temperature_decay**step)
 
-    def probabilities(self) -> dict[int, float]:
+    def probabilities(self) -> dict[Arm, float]:
         """The distribution the next ``select()`` samples from (worth logging)."""
         step = self.step + 1
         log_t = math.log(step)
         ucb = {
-            layer: self._value[layer] + self.beta * math.sqrt(log_t / (self._visits[layer] + self.eps))
-            for layer in self.candidate_layers
+            arm: self._value[arm] + self.beta * math.sqrt(log_t / (self._visits[arm] + self.eps)) for arm in self.arms
         }
-        # Subtracting the maximum keeps exp() finite with an untried layer's huge bonus.
+        # Subtracting the maximum keeps exp() finite with an untried arm's huge bonus.
         top = max(ucb.values())
         tau = self.temperature(step)
-        weights = {layer: math.exp((value - top) / tau) for layer, value in ucb.items()}
+        weights = {arm: math.exp((value - top) / tau) for arm, value in ucb.items()}
         total = sum(weights.values())
-        return {layer: weight / total for layer, weight in weights.items()}
+        return {arm: weight / total for arm, weight in weights.items()}
 
     def update(self, ot_loss: float | None) -> None:
-        """Turn the OT loss at ``current_layer`` into a reward; skipped if no rank has a finite loss."""
-        layer = self._require_selection()
+        """Turn the OT loss at ``current_layers`` into a reward; skipped if no rank has a finite loss."""
+        arm = self._require_selection()
         loss = _global_mean(ot_loss)
         if loss is None:
             return
         if not math.isfinite(loss):
-            logger.warning("Layer scheduler: OT loss %s at layer %d is not finite; no reward this step.", loss, layer)
+            logger.warning("Layer scheduler: OT loss %s at %s is not finite; no reward.", loss, arm_label(arm))
             return
-        previous = self._last_loss[layer]
+        previous = self._last_loss[arm]
         reward = 0.0 if previous is None else previous - loss
-        self._value[layer] = self.ema * self._value[layer] + (1 - self.ema) * reward
-        self._visits[layer] += 1
-        self._last_loss[layer] = loss
+        self._value[arm] = self.ema * self._value[arm] + (1 - self.ema) * reward
+        self._visits[arm] += 1
+        self._last_loss[arm] = loss
 
     def config(self) -> dict[str, Any]:
         return super().config() | {
@@ -296,56 +424,77 @@ class UCBLayerScheduler(LayerScheduler):
         self._visits = self._from_list(state["visits"])
         self._last_loss = self._from_list(state["last_loss"])
 
-    def _choose(self, step: int) -> int:
+    def _choose(self, step: int) -> Arm:
         probabilities = self.probabilities()
         return self._rng(step).choices(list(probabilities), weights=list(probabilities.values()))[0]
 
 
 class FixedLayerScheduler(LayerScheduler):
-    """Ablation: always the single candidate layer."""
+    """Ablation: always the single arm (one candidate layer, or one group)."""
 
     name = "fixed"
 
-    def __init__(self, candidate_layers: Iterable[int], seed: int = 0) -> None:
-        super().__init__(candidate_layers, seed)
-        if len(self.candidate_layers) != 1:
+    def _arms(self) -> tuple[Arm, ...]:
+        arms = super()._arms()
+        if len(arms) != 1:
             raise ValueError(
-                f"The 'fixed' scheduler needs exactly one candidate layer, got {list(self.candidate_layers)}; "
-                "pass candidate_layers=[l] for the layer to use."
+                f"The 'fixed' scheduler needs exactly one candidate layer (or one group), got {list(arms)}; pass "
+                "candidate_layers=[l] for the layer to use, or the 'all' scheduler for a fixed set of layers."
             )
+        return arms
 
-    def _choose(self, step: int) -> int:
-        return self.candidate_layers[0]
+    def _choose(self, step: int) -> Arm:
+        return self.arms[0]
+
+
+class AllLayersScheduler(FixedLayerScheduler):
+    """A fixed set instead of a choice: every candidate layer at every step, weighted by ``layer_weights``.
+
+    With candidates ``[1, 2, 3]`` and weights ``[2, 1, 1]`` the OT loss is ``0.5 OT_1 + 0.25 OT_2 + 0.25 OT_3``.
+    """
+
+    name = "all"
+
+    def _arms(self) -> tuple[Arm, ...]:
+        if self.groups is not None:
+            raise ValueError(
+                "The 'all' scheduler aligns every candidate layer; groups are for the schedulers that pick one group "
+                "per step (ucb, uniform, round_robin, fixed)."
+            )
+        return (self.candidate_layers,)
 
 
 class UniformLayerScheduler(LayerScheduler):
-    """Ablation: a uniformly random candidate every step."""
+    """Ablation: a uniformly random arm every step."""
 
     name = "uniform"
 
-    def _choose(self, step: int) -> int:
-        return self._rng(step).choice(self.candidate_layers)
+    def _choose(self, step: int) -> Arm:
+        return self._rng(step).choice(self.arms)
 
 
 class RoundRobinLayerScheduler(LayerScheduler):
-    """Ablation: the candidates in their given order, cyclically."""
+    """Ablation: the arms in their given order, cyclically."""
 
     name = "round_robin"
 
-    def _choose(self, step: int) -> int:
-        return self.candidate_layers[(step - 1) % len(self.candidate_layers)]
+    def _choose(self, step: int) -> Arm:
+        return self.arms[(step - 1) % len(self.arms)]
 
 
 _SCHEDULERS: dict[str, type[LayerScheduler]] = {
     scheduler.name: scheduler
-    for scheduler in (UCBLayerScheduler, FixedLayerScheduler, UniformLayerScheduler, RoundRobinLayerScheduler)
-}
+    for scheduler in (
+        UCBLayerScheduler, FixedLayerScheduler, AllLayersScheduler, UniformLayerScheduler, RoundRobinLayerScheduler
+    )
+}  # fmt: skip
 
 
 def build_layer_scheduler(name: str, candidate_layers: Iterable[int], seed: int = 0, **kwargs: Any) -> LayerScheduler:
-    """Build the scheduler called ``name`` ("ucb", "fixed", "uniform" or "round_robin").
+    """Build the scheduler called ``name`` ("ucb", "fixed", "uniform", "round_robin" or "all").
 
-    ``kwargs`` are that scheduler's hyper-parameters (only "ucb" has any; see `UCBLayerScheduler`).
+    ``kwargs`` are ``layer_weights`` / ``groups`` (see `LayerScheduler`) and the scheduler's hyper-parameters (only
+    "ucb" has any; see `UCBLayerScheduler`).
     """
     if name not in _SCHEDULERS:
         raise ValueError(f"Unknown layer scheduler {name!r}; choose one of {sorted(_SCHEDULERS)}.")
@@ -355,7 +504,7 @@ def build_layer_scheduler(name: str, candidate_layers: Iterable[int], seed: int 
 class LayerSchedulerCallback(TrainerCallback, ExportableState):
     """Drives a `LayerScheduler` from the `Trainer` loop and saves it with the Trainer's checkpoints.
 
-    The trainer's loss code reads ``callback.scheduler.current_layer`` and calls ``record(ot_loss)`` with the
+    The trainer's loss code reads ``callback.scheduler.current_layers`` and calls ``record(ot_loss)`` with the
     detached OT loss of every training micro-batch (not during evaluation).
 
     When the events fire (``Trainer._run_epoch``, transformers 5.23): the Trainer prefetches the
@@ -425,11 +574,14 @@ class LayerSchedulerCallback(TrainerCallback, ExportableState):
 
 
 __all__ = [
+    "AllLayersScheduler",
+    "Arm",
     "FixedLayerScheduler",
     "LayerScheduler",
     "LayerSchedulerCallback",
     "RoundRobinLayerScheduler",
     "UCBLayerScheduler",
     "UniformLayerScheduler",
+    "arm_label",
     "build_layer_scheduler",
 ]
