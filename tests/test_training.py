@@ -58,6 +58,7 @@ def test_resume_gives_the_uninterrupted_loss_curve(corpus, model_yaml, tmp_path)
 
 
 def test_gradient_accumulation_equals_one_large_batch(corpus, model_yaml, tmp_path):
+    """Two sentences x en/es: both the CE and the OT term (two pairs) must scale as one batch of 4 does."""
     common = {"max_steps": 1, "save_steps": 100, "max_train_samples": 4, "train_languages": ["en", "es"],
               "zero_shot_languages": [], "eval_split": None, "learning_rate": 1e-2, "optim": "sgd",
               "lr_scheduler_type": "constant"}  # fmt: skip
@@ -68,6 +69,7 @@ def test_gradient_accumulation_equals_one_large_batch(corpus, model_yaml, tmp_pa
         if a.requires_grad:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
     assert losses(large)[1] == pytest.approx(losses(small)[1], rel=1e-5)
+    assert [entry["ot"] > 0 for entry in large.state.log_history if "ot" in entry] == [True]
 
 
 def test_frozen_parts_are_enforced(tiny_model):

@@ -58,8 +58,12 @@ class DataArguments:
         },
     )
     pair_ratio: float = field(default=1.0, metadata={"help": "Share of sentences batched with their parallels."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the train set (debugging)."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the eval set."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Truncate the train set to this many utterances, whole sentences at a time."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Truncate the eval set to this many utterances, whole sentences at a time."}
+    )
     on_bad_data: str = field(default="raise", metadata={"help": "'raise' or 'skip' (counted and logged)."})
     estimate_bias: bool = field(
         default=False, metadata={"help": "Estimate the language bias table from the training audio before training."}

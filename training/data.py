@@ -449,6 +449,18 @@ def group_by_sentence(sentence_ids: Sequence[str]) -> list[list[int]]:
     return list(groups.values())
 
 
+def first_sentences(dataset: datasets.Dataset, max_utterances: int) -> datasets.Dataset:
+    """At most `max_utterances` rows, whole sentences at a time (every language of a sentence, in order of first
+    appearance): a truncated set keeps its parallel utterances, so it still has OT pairs and Recall@1 groups, and
+    covers every language rather than the first ones of a language-sorted split."""
+    kept: list[int] = []
+    for group in group_by_sentence([str(sentence_id) for sentence_id in dataset["sentence_id"]]):
+        if len(kept) + len(group) > max_utterances:
+            break
+        kept.extend(group)
+    return dataset.select(sorted(kept))
+
+
 def validate_examples(
     dataset: datasets.Dataset,
     languages: Sequence[str] | None,
@@ -1021,23 +1033,24 @@ def cache_encoder_outputs(
 __all__ = [
     "DATA_SOURCES",
     "FLEURS_CONFIGS",
-    "DataReport",
-    "EncoderCache",
-    "ParallelBatchSampler",
-    "PotsaCollator",
-    "LanguageBiasEstimate",
     "apply_language_bias",
     "audio_features",
     "audio_input",
     "cache_encoder_outputs",
+    "DataReport",
     "encoder_fingerprint",
+    "EncoderCache",
     "estimate_language_bias",
+    "first_sentences",
     "from_dataset",
     "group_by_sentence",
+    "LanguageBiasEstimate",
     "load_dataset_source",
     "load_fleurs",
     "load_manifest",
     "load_source",
+    "ParallelBatchSampler",
+    "PotsaCollator",
     "row_problem",
     "row_waveform",
     "select_languages",
