@@ -68,7 +68,7 @@ def _is_cjk(char: str) -> bool:
     return "\u4e00" <= char <= "\u9fff" or "\u3400" <= char <= "\u4dbf"
 
 
-def off_target(hypothesis: str, target_language: str) -> bool:
+def off_target(hypothesis: str, target_language: str | None) -> bool:
     """A Chinese-target output is off target when fewer than half of its letters are Han characters."""
     letters = [char for char in hypothesis if char.isalpha()]
     if target_language != "zh" or not letters:
@@ -76,9 +76,13 @@ def off_target(hypothesis: str, target_language: str) -> bool:
     return sum(map(_is_cjk, letters)) < len(letters) / 2
 
 
-def translation_scores(hypotheses: Sequence[str], references: Sequence[str], target_language: str) -> dict[str, float]:
-    """Corpus BLEU, exact match and off-target rate of one set of translations."""
-    tokenize = "zh" if target_language == "zh" else "13a"
+def translation_scores(
+    hypotheses: Sequence[str], references: Sequence[str], target_language: str | None
+) -> dict[str, float]:
+    """Corpus BLEU, exact match and off-target rate of one set of translations. `target_language=None` scores
+    outputs in each utterance's own language (ASR transcripts): character-level BLEU, which suits every script,
+    and no off-target rate (a Japanese transcript is on target)."""
+    tokenize = {"zh": "zh", None: "char"}.get(target_language, "13a")
     bleu = sacrebleu.corpus_bleu(list(hypotheses), [list(references)], tokenize=tokenize).score
     exact = sum(h.strip() == r.strip() for h, r in zip(hypotheses, references)) / max(len(references), 1)
     off = sum(off_target(h, target_language) for h in hypotheses) / max(len(hypotheses), 1)
@@ -213,7 +217,7 @@ def language_probe_metrics(
 
 
 def score_predictions(
-    predictions: Sequence[Prediction], target_language: str, groups: Mapping[str, Iterable[str]] | None = None
+    predictions: Sequence[Prediction], target_language: str | None, groups: Mapping[str, Iterable[str]] | None = None
 ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
     """Per-language scores and, for each named group of languages (e.g. seen / zero_shot), their mean."""
     by_language: dict[str, list[Prediction]] = defaultdict(list)
@@ -293,7 +297,8 @@ def evaluate_model(
                 batch["languages"], batch["sentence_ids"], hypotheses, batch["references"]
             )
         ]
-    per_language, group_scores = score_predictions(predictions, model.config.target_language, groups)
+    target_language = None if task == "transcribe" else model.config.target_language
+    per_language, group_scores = score_predictions(predictions, target_language, groups)
     sentence_ids = [p.sentence_id for p in predictions]
     languages = [p.language for p in predictions]
     all_pooled = torch.cat(pooled) if pooled else torch.zeros(0, 1)
