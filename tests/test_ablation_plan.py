@@ -1,0 +1,52 @@
+"""The ablation benchmark's rows and job graph (the benchmark itself is not a test; this checks it is well formed
+before anyone spends an hour of CPU on it)."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+
+import pytest
+
+from benchmarks.ablation import BEYOND_ROWS, PAPER_ROWS, POTSA, STAGE2_ONLY, plan
+from training.arguments import load_settings, parse_settings
+
+REPO = Path(__file__).resolve().parents[1]
+ROWS = {**PAPER_ROWS, **BEYOND_ROWS}
+
+
+@pytest.mark.parametrize("name", [name for name in ROWS if name != STAGE2_ONLY])
+def test_every_row_is_a_valid_stage3_configuration(name, tiny_model):
+    """Each row's overrides parse as training settings and give a valid PotsaConfig on the tiny Q-Former depth."""
+    overrides = [f"{key}={value}" for key, value in ROWS[name].items()]
+    settings = load_settings(REPO / "training/configs/tiny_stage3_potsa.yaml", overrides)
+    _, data_args, _, model_overrides = parse_settings(settings)
+    config = copy.deepcopy(tiny_model.config)
+    config.qformer_config.num_hidden_layers = 3  # training/configs/model_tiny.yaml
+    for key, value in model_overrides.items():
+        setattr(config, key, value)
+    config._validate()
+    if "zero_shot_protocol" in ROWS[name]:
+        assert data_args.zero_shot_protocol == "parallel_audio"
+
+
+def test_job_graph_starts_every_row_from_the_demo_stage2_and_fills_the_encoder_cache_once(tmp_path):
+    args = argparse.Namespace(
+        seeds=[0, 1], out=tmp_path / "ablation", demo=tmp_path / "demo", corpus=tmp_path / "corpus",
+        eval_utterances=60, stage3_steps=10, workers=2, bias_utterances=5,
+    )  # fmt: skip
+    jobs = {job.name: job for job in plan(args, PAPER_ROWS)}
+    assert len(jobs) == 1 + 2 * (len(PAPER_ROWS) - 1)  # "stage 2 only" is not trained: one seed is enough
+    first = f"seed0/{POTSA}"
+    assert list(jobs)[0] == first and jobs[first].after == []
+    for name, job in jobs.items():
+        assert job.config == "tiny_stage3_potsa" and job.settings["init_from"] == str(tmp_path / "demo/tiny_stage2_s2tt")
+        assert job.settings["eval_split"] == "test" and job.settings["max_eval_samples"] == 60
+        assert job.after == ([] if name == first else [first])
+        assert job.settings["seed"] == int(name.split("/")[0].removeprefix("seed"))
+        assert job.out_dir.parent == tmp_path / "ablation" / name.split("/")[0]
+    assert jobs[f"seed0/{STAGE2_ONLY}"].settings["learning_rate"] == 0.0
+    assert jobs["seed1/+ BC only"].settings["max_steps"] == 10
+    assert len({job.out_dir for job in jobs.values()}) == len(jobs)
+    assert not any(job.done for job in jobs.values())
