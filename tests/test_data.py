@@ -30,6 +30,8 @@ from training.data import (
     apply_language_bias,
     cache_encoder_outputs,
     estimate_language_bias,
+    first_per_language,
+    first_sentences,
     from_dataset,
     load_fleurs,
     load_manifest,
@@ -502,3 +504,13 @@ def test_cached_batches_give_the_feature_path_loss(tiny_model, tiny_processor, c
     direct = _direct_means(tiny_model, tiny_processor, rows)
     for code in biases:
         torch.testing.assert_close(biases[code], direct[code], rtol=1e-3, atol=1e-3)
+
+
+def test_truncation_keeps_whole_sentences_or_the_first_rows_of_each_language():
+    rows = {"language": ["en", "es", "en", "es", "ja", "en"], "sentence_id": ["1", "1", "2", "2", "2", "3"]}
+    dataset = datasets.Dataset.from_dict(rows)
+    assert first_sentences(dataset, 5)["sentence_id"] == ["1", "1", "2", "2", "2"]
+    assert first_sentences(dataset, 4)["sentence_id"] == ["1", "1"]  # never half a sentence
+    capped = first_per_language(dataset, 1)
+    assert capped["language"] == ["en", "es", "ja"] and capped["sentence_id"] == ["1", "1", "2"]
+    assert len(first_per_language(dataset, 10)) == len(dataset)

@@ -461,6 +461,11 @@ def first_sentences(dataset: datasets.Dataset, max_utterances: int) -> datasets.
     return dataset.select(sorted(kept))
 
 
+def first_per_language(dataset: datasets.Dataset, max_per_language: int) -> datasets.Dataset:
+    """The first `max_per_language` rows of each language, in dataset order."""
+    return dataset.select(_under_cap(dataset["language"], sorted(set(dataset["language"])), max_per_language, Counter()))
+
+
 def validate_examples(
     dataset: datasets.Dataset,
     languages: Sequence[str] | None,
@@ -1041,6 +1046,7 @@ __all__ = [
     "encoder_fingerprint",
     "EncoderCache",
     "estimate_language_bias",
+    "first_per_language",
     "first_sentences",
     "from_dataset",
     "group_by_sentence",

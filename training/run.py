@@ -34,6 +34,7 @@ from training.data import (  # noqa: E402
     apply_language_bias,
     cache_encoder_outputs,
     estimate_language_bias,
+    first_per_language,
     first_sentences,
     load_source,
     select_languages,
@@ -92,9 +93,12 @@ def prepare_data(data_args: DataArguments, model: Any, processor: Any) -> tuple[
 
 
 def bias_audio(data_args: DataArguments, model: Any, processor: Any) -> Any:
-    """Unlabeled audio of every language the model knows, zero-shot ones included (their audio, never labels)."""
+    """Unlabeled audio of every language the model knows, zero-shot ones included (their audio, never labels):
+    the first `bias_max_per_language` utterances of each (all without a cap), checked before use."""
     audio = load_source(data_args.data_source, data_args.data_path, split=data_args.train_split)
     audio = select_languages(audio, model.config.languages)
+    if data_args.bias_max_per_language is not None:
+        audio = first_per_language(audio, data_args.bias_max_per_language)
     return validate_examples(audio, model.config.languages, processor, on_bad_data="skip")[0]
 
 
