@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
@@ -55,6 +56,18 @@ def _eval_results(results: dict[str, Any], config: PotsaConfig, dataset: str, da
     ]
 
 
+def _is_hub_id(model_id: str | None) -> bool:
+    """A Hub repo id ("name" or "owner/name"), not a local path such as the demo's stand-ins (runs/standins/llm):
+    the card's `base_model` may only name Hub models."""
+    if not model_id or Path(model_id).exists():
+        return False
+    try:
+        validate_repo_id(model_id)
+    except HFValidationError:
+        return False
+    return True
+
+
 def render_model_card(
     model: PotsaForSpeechTranslation,
     processor: PotsaProcessor,
@@ -69,7 +82,7 @@ def render_model_card(
     results = results or {}
     sources = list(config.languages)
     bundled = config.base_weights_in_checkpoint or not (config.encoder_model_id and config.text_model_id)
-    base_models = [model_id for model_id in (config.encoder_model_id, config.text_model_id) if model_id]
+    base_models = [model_id for model_id in (config.encoder_model_id, config.text_model_id) if _is_hub_id(model_id)]
     model_name = repo_id.split("/")[-1]
     card_data = ModelCardData(
         language=sorted({*sources, config.target_language}),

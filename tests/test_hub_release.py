@@ -106,12 +106,12 @@ def test_release_folder_holds_exactly_config_code_weights_processor_and_card(rel
     assert sizes["model.safetensors"] < dict(listed["bundle"])["model.safetensors"] / 2
 
 
-def test_model_card_is_filled_from_config_and_results(releases, base_ids):  # noqa: F811
+def test_model_card_is_filled_from_config_and_results(releases):
     root, _ = releases
     card = ModelCard.load(root / "trainable/README.md")
     data = card.data
     assert data.license == "apache-2.0" and data.pipeline_tag == "translation"
-    assert data.base_model == [base_ids.encoder_model_id, base_ids.text_model_id]
+    assert data.base_model is None  # the bases are local paths here; only Hub ids may be a card's base_model
     assert set(data.language) == {"en", "es", "ja", "ko", "ru", "zh"}
     bleu = {result.dataset_config: result.metric_value for result in data.eval_results}
     assert bleu == {"es": 21.46, "ja": 9.5}
@@ -224,3 +224,10 @@ def test_language_id_accuracy_is_measured_per_language(tiny, corpus):
     dataset = batch_translate.load_split(corpus, "test")
     assert language_id_accuracy(pipe, dataset) == {"es": 1.0, "ja": 0.0, "ko": 0.0, "overall": pytest.approx(1 / 3)}
     assert language_id_accuracy(pipe, dataset, per_language=1)["overall"] == pytest.approx(1 / 3)
+
+
+def test_only_hub_ids_become_base_models(tmp_path):
+    assert push_to_hub._is_hub_id("Qwen/Qwen2.5-7B-Instruct") and push_to_hub._is_hub_id("openai/whisper-large-v3")
+    assert not push_to_hub._is_hub_id("runs/standins/llm") and not push_to_hub._is_hub_id(None)
+    (tmp_path / "llm").mkdir()
+    assert not push_to_hub._is_hub_id(str(tmp_path / "llm"))
