@@ -230,6 +230,7 @@ def main(argv: list[str] | None = None) -> Any:
     language_parser.add_argument("--dataset", required=True, type=Path, help="a datasets.save_to_disk directory")
     language_parser.add_argument("--split", default="test")
     language_parser.add_argument("--per-language", type=int, help="at most this many rows per language")
+    language_parser.add_argument("--out", type=Path, help="markdown file for the results (not written without it)")
     args = parser.parse_args(argv)
 
     if args.command == "speed":
@@ -240,7 +241,24 @@ def main(argv: list[str] | None = None) -> Any:
     pipe = pipeline("translation", model=args.model, trust_remote_code=True)
     accuracy = language_id_accuracy(pipe, load_split(args.dataset, args.split), args.per_language)
     print("\n".join(f"{code}\t{value:.3f}" for code, value in accuracy.items()))
+    if args.out:
+        args.out.write_text(language_id_table(accuracy, args, len(pipe.processor.languages)))
     return accuracy
+
+
+def language_id_table(accuracy: dict[str, float], args: argparse.Namespace, num_languages: int) -> str:
+    command = f"python benchmarks/bench_inference.py language-id --model {args.model} --dataset {args.dataset}"
+    lines = [
+        "# Language detection (`language=None`): nearest bias centroid of the pooled encoder output",
+        "",
+        f"`{command} --split {args.split} --out {args.out}`: every {args.split} utterance of the model's languages"
+        f"{f' (at most {args.per_language} per language)' if args.per_language else ''}; chance {1 / num_languages:.3f}.",
+        "",
+        "| language | accuracy |",
+        "|---|---|",
+        *(f"| {code} | {value:.3f} |" for code, value in accuracy.items()),
+    ]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
