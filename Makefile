@@ -1,4 +1,4 @@
-# Two entry points on a fresh machine: `make demo` (the main job) and `make test` (the test suite).
+# Two entry points on a fresh machine: `make demo` (the main job: python -m benchmarks.demo) and `make test`.
 # Both create .venv and install the package with what they need on first use.
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,7 +13,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 .PHONY: demo test
 demo: $(VENV)/.installed
-	$(PY) examples/tiny_end_to_end.py
+	$(PY) -m benchmarks.demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

@@ -57,30 +57,39 @@ class PhaseTimer:
         return result
 
 
-def stage_settings(args: argparse.Namespace, stage: str) -> list[str]:
-    """`key=value` overrides that point a stage config at this run's corpus, stand-ins and output folders."""
-    out = args.out / stage
+def stage_settings(out: Path, corpus: Path, stage: str, seed: int, cache: Path | None = None) -> list[str]:
+    """`key=value` overrides that point a stage config at this run's corpus, model config (out/model_tiny.yaml),
+    encoder cache (default out/encoder_cache) and output folders."""
     settings = {
-        "data_path": str(args.corpus),
-        "output_dir": str(out),
-        "encoder_cache_dir": str(args.out / "encoder_cache"),
-        "seed": args.seed,
+        "data_path": str(corpus),
+        "output_dir": str(out / stage),
+        "encoder_cache_dir": str(cache or out / "encoder_cache"),
+        "seed": seed,
         "disable_tqdm": False,
     }
     if stage == STAGES[0]:
-        settings["model_config"] = str(args.out / "model_tiny.yaml")
+        settings["model_config"] = str(out / "model_tiny.yaml")
     else:
-        settings["init_from"] = str(args.out / STAGES[STAGES.index(stage) - 1])
+        settings["init_from"] = str(out / STAGES[STAGES.index(stage) - 1])
     if stage != STAGES[-1]:
         settings["eval_split"] = None  # only the final model is evaluated here (benchmarks/ablation.py: stage 2 too)
     return [f"{key}={json.dumps(value)}" for key, value in settings.items()]
 
 
-def write_model_config(out: Path, standins: Path) -> None:
-    """training/configs/model_tiny.yaml with these stand-in paths, as out/model_tiny.yaml."""
+def run_stages(out: Path, corpus: Path, seed: int, timer: PhaseTimer, cache: Path | None = None) -> Path:
+    """The three POTSA stages with training/run.py, each from the previous one's checkpoint; returns the last."""
+    for stage in STAGES:
+        config = REPO / "training/configs" / f"{stage}.yaml"
+        timer(stage, lambda: run(["--config", str(config), *stage_settings(out, corpus, stage, seed, cache)]))
+    return out / STAGES[-1]
+
+
+def write_model_config(out: Path, standins: Path, llm: Path | None = None) -> None:
+    """training/configs/model_tiny.yaml with these stand-in paths (the LLM: `llm`, default standins/llm), as
+    out/model_tiny.yaml."""
     text = (REPO / "training/configs/model_tiny.yaml").read_text()
     text = text.replace("runs/standins/encoder", str(standins / "encoder"))
-    text = text.replace("runs/standins/llm", str(standins / "llm"))
+    text = text.replace("runs/standins/llm", str(llm or standins / "llm"))
     (out / "model_tiny.yaml").write_text(text)
 
 
@@ -139,12 +148,9 @@ def main(argv: list[str] | None = None) -> Path:
 
     corpus, quality = prepare_corpus_and_standins(args.corpus, args.standins, args.categories, args.seed, timer)
     write_model_config(args.out, args.standins)
-    for stage in STAGES:
-        config = REPO / "training/configs" / f"{stage}.yaml"
-        timer(stage, lambda: run(["--config", str(config), *stage_settings(args, stage)]))
+    final = run_stages(args.out, args.corpus, args.seed, timer)
 
     bundle = args.out / "potsa-tiny"
-    final = args.out / STAGES[-1]
     model = PotsaForSpeechTranslation.from_pretrained(final)
     model.save_pretrained(bundle, include_base_weights=True)  # self-contained: loads without runs/standins
     PotsaProcessor.from_pretrained(final).save_pretrained(bundle)

@@ -41,7 +41,14 @@ import datasets
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, WhisperConfig, WhisperFeatureExtractor
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    WhisperConfig,
+    WhisperFeatureExtractor,
+)
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from modeling_potsa.processing_potsa import PotsaProcessor
@@ -74,8 +81,9 @@ class EncoderRecipe:
 
 @dataclass
 class LanguageModelRecipe:
-    """Size, schedule and data mix of the Qwen2 stand-in."""
+    """Architecture, size, schedule and data mix of the LLM stand-in."""
 
+    architecture: str = "qwen2"  # any causal-LM model_type with Llama-style config fields ("llama", "mistral", ...)
     hidden_size: int = 128
     layers: int = 2
     heads: int = 2  # 64-wide heads learn copying in 600 steps; 32-wide ones had not after 800 (0% vs 100% exact)
@@ -282,7 +290,7 @@ def train_language_model(
     recipe: LanguageModelRecipe = LanguageModelRecipe(),
     seed: int = 0,
 ) -> dict[str, float]:
-    """Pretrain the Qwen2 stand-in on (transcript, translation) text pairs of the train split; save it with its
+    """Pretrain the LLM stand-in (`recipe.architecture`) on (transcript, translation) text pairs of the train split; save it with its
     character tokenizer; report its text-translation exact match on validation pairs. Transcripts longer than the
     soft prompt are left out of the prompted tasks."""
     torch.manual_seed(seed)
@@ -291,13 +299,13 @@ def train_language_model(
     encode = functools.partial(tokenizer.encode, add_special_tokens=False)
     encoded = [(encode(t), encode(z)) for t, z in pairs]
     encoded = [(t, z) for t, z in encoded if len(t) <= recipe.prefix_length]
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=recipe.hidden_size, intermediate_size=2 * recipe.hidden_size,
-        num_hidden_layers=recipe.layers, num_attention_heads=recipe.heads, num_key_value_heads=recipe.heads // 2,
-        max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    config = AutoConfig.for_model(
+        recipe.architecture, vocab_size=len(tokenizer), hidden_size=recipe.hidden_size,
+        intermediate_size=2 * recipe.hidden_size, num_hidden_layers=recipe.layers, num_attention_heads=recipe.heads,
+        num_key_value_heads=recipe.heads // 2, max_position_embeddings=256, tie_word_embeddings=False,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
-    model = Qwen2ForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     parameters = list(model.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=recipe.learning_rate, weight_decay=0.01)
     schedule = _cosine_schedule(optimizer, recipe.steps, warmup=recipe.steps // 20)
@@ -322,7 +330,7 @@ def train_language_model(
 
 @torch.no_grad()
 def _text_translation_accuracy(
-    model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast, pairs: Sequence[tuple[str, str]],
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, pairs: Sequence[tuple[str, str]],
     recipe: LanguageModelRecipe,
 ) -> float:
     """Exact match of greedy "T=" -> Z on held-out pairs (T spread as in training): the ability the soft prompt
