@@ -57,6 +57,7 @@ PAPER_ROWS: dict[str, dict[str, Any]] = {
     "uniform random layer 1-2": {"ot_layer_scheduler": "uniform"},
     "English anchor, frozen": {"ot_pair_strategy": "english_anchor_frozen"},
     "English anchor, with gradients": {"ot_pair_strategy": "english_anchor"},
+    "POTSA, lambda 1 (paper: 10)": {"ot_loss_weight": 1.0},
     "+ OT only, parallel-audio": {**NO_BIAS, **PARALLEL_AUDIO},
     "POTSA, parallel-audio": PARALLEL_AUDIO,
 }
@@ -67,6 +68,7 @@ BEYOND_ROWS: dict[str, dict[str, Any]] = {
     "all of layers 1-3 + PCGrad": {**ALL_LAYERS, "ot_gradient_surgery": "pcgrad"},
     "UCB over groups {1},{1,2},{1,2,3}": {"ot_candidate_layers": [1, 2, 3], "ot_layer_groups": [[1], [1, 2], [1, 2, 3]]},
     "POTSA + affine compensation": {"bias_compensation_mode": "affine"},
+    "POTSA, bias table frozen at its estimate": {"train_bias": False},
 }
 COSINE_ROW = "all of layers 1-3 each step"
 METRICS = (("seen", "bleu"), ("seen", "exact_match"), ("zero_shot", "bleu"), ("zero_shot", "exact_match"))
@@ -240,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
     parser.add_argument("--suite", choices=("paper", "beyond", "all"), default="all")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--stage3-steps", type=int, default=150, help="stage-3 steps of every row")
-    parser.add_argument("--eval-utterances", type=int, default=900, help="test utterances (whole sentences)")
+    parser.add_argument("--eval-utterances", type=int, default=720, help="test utterances (whole sentences)")
     parser.add_argument("--bias-utterances", type=int, default=500, help="per language, for its bias vector")
     parser.add_argument("--workers", type=int, default=2, help="training processes at a time (one thread each)")
     parser.add_argument("--out", type=Path, default=Path("runs/ablation"))

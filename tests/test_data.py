@@ -31,12 +31,12 @@ from training.data import (
     cache_encoder_outputs,
     estimate_language_bias,
     first_per_language,
-    first_sentences,
     from_dataset,
     load_fleurs,
     load_manifest,
     load_source,
     row_waveform,
+    spread_sentences,
     utterance_key,
     validate_examples,
 )
@@ -506,11 +506,16 @@ def test_cached_batches_give_the_feature_path_loss(tiny_model, tiny_processor, c
         torch.testing.assert_close(biases[code], direct[code], rtol=1e-3, atol=1e-3)
 
 
-def test_truncation_keeps_whole_sentences_or_the_first_rows_of_each_language():
+def test_truncation_keeps_whole_sentences_spread_over_the_split_or_the_first_rows_of_each_language():
     rows = {"language": ["en", "es", "en", "es", "ja", "en"], "sentence_id": ["1", "1", "2", "2", "2", "3"]}
     dataset = datasets.Dataset.from_dict(rows)
-    assert first_sentences(dataset, 5)["sentence_id"] == ["1", "1", "2", "2", "2"]
-    assert first_sentences(dataset, 4)["sentence_id"] == ["1", "1"]  # never half a sentence
+    assert spread_sentences(dataset, 5)["sentence_id"] == ["1", "1", "2", "2", "2"]
+    assert spread_sentences(dataset, 4)["sentence_id"] == ["1", "1"]  # never half a sentence
+    assert spread_sentences(dataset, 6)["sentence_id"] == rows["sentence_id"]
+    # a split sorted by category: the truncated set samples every category, not the first one
+    ids = [f"{category}-{i}" for category in ("number", "date", "time") for i in range(10)]
+    spread = spread_sentences(datasets.Dataset.from_dict({"sentence_id": ids, "language": ["en"] * 30}), 6)
+    assert [sentence.split("-")[0] for sentence in spread["sentence_id"]] == ["number"] * 2 + ["date"] * 2 + ["time"] * 2
     capped = first_per_language(dataset, 1)
     assert capped["language"] == ["en", "es", "ja"] and capped["sentence_id"] == ["1", "1", "2"]
     assert len(first_per_language(dataset, 10)) == len(dataset)

@@ -59,10 +59,10 @@ class DataArguments:
     )
     pair_ratio: float = field(default=1.0, metadata={"help": "Share of sentences batched with their parallels."})
     max_train_samples: int | None = field(
-        default=None, metadata={"help": "Truncate the train set to this many utterances, whole sentences at a time."}
+        default=None, metadata={"help": "Truncate the train set to this many utterances: whole sentences, spread over it."}
     )
     max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Truncate the eval set to this many utterances, whole sentences at a time."}
+        default=None, metadata={"help": "Truncate the eval set to this many utterances: whole sentences, spread over it."}
     )
     on_bad_data: str = field(default="raise", metadata={"help": "'raise' or 'skip' (counted and logged)."})
     estimate_bias: bool = field(

@@ -449,15 +449,19 @@ def group_by_sentence(sentence_ids: Sequence[str]) -> list[list[int]]:
     return list(groups.values())
 
 
-def first_sentences(dataset: datasets.Dataset, max_utterances: int) -> datasets.Dataset:
-    """At most `max_utterances` rows, whole sentences at a time (every language of a sentence, in order of first
-    appearance): a truncated set keeps its parallel utterances, so it still has OT pairs and Recall@1 groups, and
-    covers every language rather than the first ones of a language-sorted split."""
+def spread_sentences(dataset: datasets.Dataset, max_utterances: int) -> datasets.Dataset:
+    """At most `max_utterances` rows, whole sentences at a time (every language of a sentence), the sentences
+    evenly spaced over the split: a truncated set keeps its parallel utterances, so it still has OT pairs and
+    Recall@1 groups, and it samples a split sorted by language, category or length (FLEURS' and the offline
+    corpus' are) across its whole range instead of taking its head."""
+    groups = group_by_sentence([str(sentence_id) for sentence_id in dataset["sentence_id"]])
+    if len(dataset) <= max_utterances:
+        return dataset
+    wanted = max(int(max_utterances * len(groups) / len(dataset)), 1)  # sentences that fit, at the average size
     kept: list[int] = []
-    for group in group_by_sentence([str(sentence_id) for sentence_id in dataset["sentence_id"]]):
-        if len(kept) + len(group) > max_utterances:
-            break
-        kept.extend(group)
+    for group in (groups[int(i * len(groups) / wanted)] for i in range(wanted)):
+        if len(kept) + len(group) <= max_utterances:
+            kept.extend(group)
     return dataset.select(sorted(kept))
 
 
@@ -1047,7 +1051,7 @@ __all__ = [
     "EncoderCache",
     "estimate_language_bias",
     "first_per_language",
-    "first_sentences",
+    "spread_sentences",
     "from_dataset",
     "group_by_sentence",
     "LanguageBiasEstimate",

@@ -35,7 +35,7 @@ from training.data import (  # noqa: E402
     cache_encoder_outputs,
     estimate_language_bias,
     first_per_language,
-    first_sentences,
+    spread_sentences,
     load_source,
     select_languages,
     validate_examples,
@@ -80,14 +80,14 @@ def prepare_data(data_args: DataArguments, model: Any, processor: Any) -> tuple[
         labels = [text if code in seen else None for text, code in zip(train["translation"], train["language"])]
         train = train.remove_columns("translation").add_column("translation", labels)
     if data_args.max_train_samples:
-        train = first_sentences(train, data_args.max_train_samples)
+        train = spread_sentences(train, data_args.max_train_samples)
     train, report = validate_examples(train, model.config.languages, processor, on_bad_data=data_args.on_bad_data)
     logger.info("training data: %d utterances; %s", len(train), report)
     evaluation = None
     if data_args.eval_split:
         evaluation = select_languages(load(split=data_args.eval_split), seen + zero_shot)
         if data_args.max_eval_samples:
-            evaluation = first_sentences(evaluation, data_args.max_eval_samples)
+            evaluation = spread_sentences(evaluation, data_args.max_eval_samples)
         evaluation, _ = validate_examples(evaluation, model.config.languages, processor, data_args.on_bad_data)
     return train, evaluation, {"seen": seen, "zero_shot": zero_shot}
 
