@@ -58,6 +58,7 @@ PAPER_ROWS: dict[str, dict[str, Any]] = {
     "English anchor, frozen": {"ot_pair_strategy": "english_anchor_frozen"},
     "English anchor, with gradients": {"ot_pair_strategy": "english_anchor"},
     "POTSA, lambda 1 (paper: 10)": {"ot_loss_weight": 1.0},
+    "POTSA, stage-3 lr 2e-4 (tiny default: 1e-3)": {"learning_rate": 2e-4},
     "+ OT only, parallel-audio": {**NO_BIAS, **PARALLEL_AUDIO},
     "POTSA, parallel-audio": PARALLEL_AUDIO,
 }
