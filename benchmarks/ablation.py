@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -58,7 +59,6 @@ PAPER_ROWS: dict[str, dict[str, Any]] = {
     "English anchor, frozen": {"ot_pair_strategy": "english_anchor_frozen"},
     "English anchor, with gradients": {"ot_pair_strategy": "english_anchor"},
     "POTSA, lambda 1 (paper: 10)": {"ot_loss_weight": 1.0},
-    "POTSA, stage-3 lr 2e-4 (tiny default: 1e-3)": {"learning_rate": 2e-4},
     "+ OT only, parallel-audio": {**NO_BIAS, **PARALLEL_AUDIO},
     "POTSA, parallel-audio": PARALLEL_AUDIO,
 }
@@ -167,6 +167,9 @@ def collect(args: argparse.Namespace, rows: dict[str, dict[str, Any]]) -> dict[s
 
 
 def _cell(values: list[float], digits: int) -> str:
+    values = [value for value in values if not math.isnan(value)]  # a probe a row does not have (no BC) is NaN
+    if not values:
+        return "—"
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
 
@@ -183,7 +186,8 @@ def markdown(table: dict[str, dict[str, list[float]]], args: argparse.Namespace,
         f"one evaluation); test: {args.eval_utterances} utterances "
         "(seen: en es ru ja, zero-shot: de ko). BC = bias compensation, EM = exact match, LID probe = accuracy of a "
         "linear language-ID probe (chance 0.167) on pooled encoder outputs after BC / on the Q-Former output. "
-        f"Wall time {seconds / 60:.0f} min on 2 CPU cores ({args.workers} single-threaded workers).",
+        f"This invocation ran {seconds / 60:.0f} min on 2 CPU cores ({args.workers} single-threaded workers; jobs "
+        "finished by an earlier invocation are reused).",
         "",
         "| row | " + " | ".join(header) + " |",
         "|---|" + "---|" * len(header),
