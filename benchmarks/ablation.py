@@ -132,9 +132,9 @@ def execute(jobs: list[Job], workers: int, log_dir: Path) -> None:
     while pending or running:
         for job in [job for job in pending if set(job.after) <= finished][: workers - len(running)]:
             pending.remove(job)
-            log = open(log_dir / f"{slug(job.name)}.log", "w")
-            running[job.name] = (subprocess.Popen(job.command(), stdout=log, stderr=subprocess.STDOUT, env=environment),
-                                 time.perf_counter())  # fmt: skip
+            with open(log_dir / f"{slug(job.name)}.log", "w") as log:  # the child keeps its own handle
+                process = subprocess.Popen(job.command(), stdout=log, stderr=subprocess.STDOUT, env=environment)
+            running[job.name] = (process, time.perf_counter())
         time.sleep(1)
         for name, (process, started) in list(running.items()):
             if process.poll() is None:

@@ -20,7 +20,7 @@ import datasets
 
 from benchmarks import demo
 from benchmarks.demo import REPO, STAGES, PhaseTimer, run_stages, write_model_config
-from benchmarks.standins import LanguageModelRecipe, train_language_model
+from benchmarks.standins import LanguageModelRecipe, language_model_text, train_language_model
 
 
 def _row(name: str, results_file: Path) -> str:
@@ -48,9 +48,7 @@ def main(argv: list[str] | None = None) -> Path:
     timer = PhaseTimer()
     llm = out / "llm"
     if not (llm / "config.json").exists():
-        corpus = datasets.load_from_disk(str(args.corpus))
-        pairs = sorted(set(zip(corpus["train"]["transcript"], corpus["train"]["translation"])))
-        validation = list(zip(corpus["validation"]["transcript"], corpus["validation"]["translation"]))
+        pairs, validation = language_model_text(datasets.load_from_disk(str(args.corpus)))
         recipe = LanguageModelRecipe(architecture=args.architecture)
         quality = timer(f"{args.architecture} LLM stand-in",
                         lambda: train_language_model(pairs, validation, llm, recipe, args.seed))  # fmt: skip

@@ -350,6 +350,15 @@ def _text_translation_accuracy(
     return sum(h == r for h, r in zip(hypotheses, references)) / max(len(references), 1)
 
 
+def language_model_text(
+    corpus: datasets.DatasetDict,
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """The LLM stand-in's text: the distinct (transcript, translation) pairs of the train split (never a test
+    target), and the validation split's pairs for its check."""
+    pairs = sorted(set(zip(corpus["train"]["transcript"], corpus["train"]["translation"])))
+    return pairs, list(zip(corpus["validation"]["transcript"], corpus["validation"]["translation"]))
+
+
 def _train_language_model_single_threaded(*args) -> dict[str, float]:
     """`train_language_model` on one CPU thread, timed (run in a child process)."""
     torch.set_num_threads(1)
@@ -371,8 +380,7 @@ def build_standins(
     on the other core until the LM is done, then on all of them. Small models use a second thread poorly (measured
     on 2 cores: 1.3x for the encoder's step), so two single-threaded jobs get more done than one after the other."""
     out_dir = Path(out_dir)
-    pairs = sorted(set(zip(corpus["train"]["transcript"], corpus["train"]["translation"])))
-    validation = list(zip(corpus["validation"]["transcript"], corpus["validation"]["translation"]))
+    pairs, validation = language_model_text(corpus)
     all_threads = torch.get_num_threads()
     start = time.perf_counter()
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -392,4 +400,11 @@ def build_standins(
     return report
 
 
-__all__ = ["EncoderRecipe", "LanguageModelRecipe", "build_standins", "character_error_rate", "corpus_features"]
+__all__ = [
+    "EncoderRecipe",
+    "LanguageModelRecipe",
+    "build_standins",
+    "character_error_rate",
+    "corpus_features",
+    "language_model_text",
+]

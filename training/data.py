@@ -454,9 +454,9 @@ def spread_sentences(dataset: datasets.Dataset, max_utterances: int) -> datasets
     evenly spaced over the split: a truncated set keeps its parallel utterances, so it still has OT pairs and
     Recall@1 groups, and it samples a split sorted by language, category or length (FLEURS' and the offline
     corpus' are) across its whole range instead of taking its head."""
-    groups = group_by_sentence([str(sentence_id) for sentence_id in dataset["sentence_id"]])
     if len(dataset) <= max_utterances:
         return dataset
+    groups = group_by_sentence([str(sentence_id) for sentence_id in dataset["sentence_id"]])
     wanted = max(int(max_utterances * len(groups) / len(dataset)), 1)  # sentences that fit, at the average size
     kept: list[int] = []
     for group in (groups[int(i * len(groups) / wanted)] for i in range(wanted)):
