@@ -129,6 +129,40 @@ def _to_mono(tensor: torch.Tensor, time_major: bool, downmix: bool) -> torch.Ten
     return tensor.mean(dim=channel_axis)
 
 
+def checked_waveform(
+    audio: Any,
+    sampling_rate: int | None = None,
+    target_sampling_rate: int = 16_000,
+    downmix: bool = False,
+    max_seconds: float | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Every check of `load_waveform`, without the resampling: (1-D float32 waveform, its own sampling rate).
+
+    Checking a whole training set (`training.data.validate_examples`) needs only this; resampling every clip just
+    to look at it cost more than the checks themselves.
+    """
+    samples, sampling_rate, time_major = _unpack(audio, sampling_rate)
+    sampling_rate = _check_sampling_rate(sampling_rate)
+    waveform = _to_mono(_as_float_tensor(samples), time_major, downmix)
+    if waveform.ndim != 1:
+        raise ValueError(f"Audio must be a 1-D array of samples, got shape {tuple(waveform.shape)}.")
+    if waveform.numel() == 0:
+        raise ValueError("Empty audio: the array has no samples.")
+    if not torch.isfinite(waveform).all():
+        raise ValueError("Audio contains NaN or infinite samples.")
+    if waveform.abs().max() < SILENCE_PEAK:
+        raise ValueError(f"All-silent audio (peak amplitude below {SILENCE_PEAK}): nothing to translate.")
+    seconds = waveform.numel() / sampling_rate
+    if max_seconds is not None and seconds > max_seconds + 1e-6:
+        raise ValueError(
+            f"Audio is {seconds:.2f} s long, longer than the encoder window of {max_seconds:g} s. Split it, or use "
+            "the speech-translation pipeline, which translates long audio window by window."
+        )
+    if seconds * target_sampling_rate < 2:
+        raise ValueError(f"Audio is too short ({seconds * 1000:.2f} ms) to compute features.")
+    return waveform, sampling_rate
+
+
 def load_waveform(
     audio: Any,
     sampling_rate: int | None = None,
@@ -148,27 +182,8 @@ def load_waveform(
     Raises:
         ValueError: naming the problem (missing/wrong rate, dtype, shape, empty, NaN/inf, silent, too long).
     """
-    samples, sampling_rate, time_major = _unpack(audio, sampling_rate)
-    sampling_rate = _check_sampling_rate(sampling_rate)
-    waveform = _to_mono(_as_float_tensor(samples), time_major, downmix)
-    if waveform.ndim != 1:
-        raise ValueError(f"Audio must be a 1-D array of samples, got shape {tuple(waveform.shape)}.")
-    if waveform.numel() == 0:
-        raise ValueError("Empty audio: the array has no samples.")
-    if not torch.isfinite(waveform).all():
-        raise ValueError("Audio contains NaN or infinite samples.")
-    if waveform.abs().max() < SILENCE_PEAK:
-        raise ValueError(f"All-silent audio (peak amplitude below {SILENCE_PEAK}): nothing to translate.")
-    seconds = waveform.numel() / sampling_rate
-    if max_seconds is not None and seconds > max_seconds + 1e-6:
-        raise ValueError(
-            f"Audio is {seconds:.2f} s long, longer than the encoder window of {max_seconds:g} s. Split it, or use "
-            "the speech-translation pipeline, which translates long audio window by window."
-        )
-    waveform = resample(waveform.contiguous(), sampling_rate, target_sampling_rate)
-    if waveform.numel() < 2:
-        raise ValueError(f"Audio is too short ({seconds * 1000:.2f} ms) to compute features.")
-    return waveform
+    waveform, rate = checked_waveform(audio, sampling_rate, target_sampling_rate, downmix, max_seconds)
+    return resample(waveform.contiguous(), rate, target_sampling_rate)
 
 
-__all__ = ["load_waveform", "read_audio_file", "resample"]
+__all__ = ["checked_waveform", "load_waveform", "read_audio_file", "resample"]

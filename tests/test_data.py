@@ -179,7 +179,7 @@ def test_in_memory_dataset_is_checked_and_normalised():
         from_dataset(datasets.DatasetDict({"train": dataset}), "dev")
 
 
-def test_corpus_saved_to_disk_loads_like_any_source(tmp_path, tiny_processor):
+def test_corpus_saved_to_disk_loads_like_any_source(tmp_path, tiny_processor, monkeypatch):
     """The offline benchmark corpus' schema: int16 PCM lists at 22,050 Hz in a DatasetDict on disk."""
 
     def split_rows(seed):
@@ -202,6 +202,7 @@ def test_corpus_saved_to_disk_loads_like_any_source(tmp_path, tiny_processor):
     waveform = row_waveform(dataset[0], tiny_processor)
     expected = torch.from_numpy(synthetic_audio(0.5, 1, 22_050))
     assert waveform.shape == (8000,) and abs(waveform.abs().max() - expected.abs().max()) < 0.05
+    monkeypatch.setattr("modeling_potsa.audio.resample", None)  # checking 22.05 kHz rows must not resample them
     checked, report = validate_examples(dataset, None, tiny_processor)
     assert report.num_kept == 2 and report.dropped == {}
     with pytest.raises(ValueError, match="No dataset directory"):

@@ -106,6 +106,7 @@ def test_inputs_users_pass(tmp_path):
         (np.ones((2, 3, 100), np.float32), {"sampling_rate": 16000}, "1-D"),
         (np.stack([synthetic_audio(1.0)] * 2), {"sampling_rate": 16000}, "downmix=True"),
         (synthetic_audio(4.5), {"sampling_rate": 16000}, "longer than the encoder window of 4 s"),
+        (np.full(2, 0.5, np.float32), {"sampling_rate": 48000}, "too short"),  # < 2 samples once at 16 kHz
         ({"array": synthetic_audio(1.0)}, {}, "Missing sampling rate"),
         ({"array": synthetic_audio(1.0), "sampling_rate": 8000}, {"sampling_rate": 16000}, "Conflicting"),
         ("/no/such/file.wav", {}, "not found"),

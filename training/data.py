@@ -48,7 +48,7 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Sampler
 from tqdm.auto import tqdm
 
-from modeling_potsa.audio import load_waveform, read_audio_file
+from modeling_potsa.audio import checked_waveform, load_waveform, read_audio_file
 from modeling_potsa.bias_compensation import LanguageBiasEstimator, masked_time_mean
 from modeling_potsa.modeling_potsa import PotsaForSpeechTranslation
 from modeling_potsa.processing_potsa import TASKS, PotsaProcessor
@@ -164,18 +164,23 @@ def audio_input(audio: Any) -> dict[str, Any]:
     raise ValueError(f"An audio dict needs a value for 'array', 'bytes' or 'path'; got {sorted(audio)} all empty.")
 
 
-def row_waveform(row: Row, processor: PotsaProcessor) -> torch.Tensor:
-    """A row's audio as the model hears it: mono float32 at the processor's rate, checked by `load_waveform`."""
+def _row_audio(row: Row, processor: PotsaProcessor) -> dict[str, Any]:
+    """The keyword arguments of `load_waveform` / `checked_waveform` for a row's audio (its declared rate checked)."""
     audio = audio_input(row["audio"])
     declared, actual = row.get("sampling_rate"), audio["sampling_rate"]
     if declared is not None and actual is not None and int(declared) != int(actual):
         raise ValueError(f"Wrong sampling rate: the audio is at {actual} Hz but the row declares {declared} Hz.")
-    return load_waveform(
-        audio["array"],
-        sampling_rate=actual if actual is not None else declared,
-        target_sampling_rate=processor.sampling_rate,
-        max_seconds=processor.max_seconds,
-    )
+    return {
+        "audio": audio["array"],
+        "sampling_rate": actual if actual is not None else declared,
+        "target_sampling_rate": processor.sampling_rate,
+        "max_seconds": processor.max_seconds,
+    }
+
+
+def row_waveform(row: Row, processor: PotsaProcessor) -> torch.Tensor:
+    """A row's audio as the model hears it: mono float32 at the processor's rate, checked by `load_waveform`."""
+    return load_waveform(**_row_audio(row, processor))
 
 
 def audio_features(rows: Sequence[Row], processor: PotsaProcessor) -> dict[str, torch.Tensor]:
@@ -433,7 +438,7 @@ def row_problem(row: Row, languages: Iterable[str], processor: PotsaProcessor) -
     if row["sentence_id"] in (None, ""):
         return "missing sentence id", "no sentence_id (the key that pairs parallel utterances)"
     try:
-        row_waveform(row, processor)
+        checked_waveform(**_row_audio(row, processor))  # the checks of `row_waveform`, without its resampling
     except ValueError as error:
         message = str(error)
         reason = next((reason for reason, text in _AUDIO_PROBLEMS if text in message.lower()), "invalid audio")
