@@ -22,6 +22,7 @@ gradient cosine per layer over training, gradient_cosine.png.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -45,8 +46,10 @@ NO_BIAS = {"use_bias_compensation": False, "estimate_bias": False}
 PARALLEL_AUDIO = {"zero_shot_protocol": "parallel_audio"}
 ALL_LAYERS = {"ot_layer_scheduler": "all", "ot_candidate_layers": [1, 2, 3]}
 STAGE2_ONLY = "stage 2 only (no stage 3)"
+PAPER_LAMBDA = 10.0
 POTSA = "POTSA (BC + OT + UCB 1-2)"
-# Row name -> stage-3 overrides of training/configs/tiny_stage3_potsa.yaml (POTSA: BC + OT, UCB over layers 1-2).
+# Row name -> stage-3 overrides of training/configs/tiny_stage3_potsa.yaml (POTSA: BC + OT, UCB over layers 1-2)
+# at the paper's lambda.
 PAPER_ROWS: dict[str, dict[str, Any]] = {
     STAGE2_ONLY: {**NO_BIAS, "ot_loss_weight": 0.0, "learning_rate": 0.0, "max_steps": 1, "warmup_steps": 0},
     "baseline (no BC, no OT)": {**NO_BIAS, "ot_loss_weight": 0.0},
@@ -97,6 +100,18 @@ class Job:
         return [sys.executable, str(REPO / "training/run.py"), "--config", str(REPO / f"training/configs/{self.config}.yaml"), *overrides]
 
 
+def bind_to_checkpoint(out: Path, checkpoint: Path) -> None:
+    """Tie `out` (whose finished jobs a rerun reuses) to the stage-2 checkpoint its rows start from: a rerun after
+    the demo has been rebuilt must not mix rows trained from two checkpoints, so it is refused."""
+    digest = hashlib.sha256((checkpoint / "model.safetensors").read_bytes()).hexdigest()
+    marker = out / "stage2_checkpoint.sha256"
+    if marker.exists() and marker.read_text().strip() != digest:
+        raise SystemExit(f"{out} holds runs from another stage-2 checkpoint than {checkpoint} (rebuilt since?): "
+                         "delete it or pass another --out.")  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(digest + "\n")
+
+
 def slug(name: str) -> str:
     return "".join(char if char.isalnum() else "_" for char in name.lower()).strip("_")
 
@@ -109,6 +124,7 @@ def plan(args: argparse.Namespace, rows: dict[str, dict[str, Any]]) -> list[Job]
         "data_path": str(args.corpus), "encoder_cache_dir": str(args.demo / "encoder_cache"),
         "init_from": str(args.demo / STAGES[1]), "eval_split": "test", "max_eval_samples": args.eval_utterances,
         "max_steps": args.stage3_steps, "bias_max_per_language": args.bias_utterances,
+        "ot_loss_weight": PAPER_LAMBDA,  # rows are the paper's lambda unless they say otherwise (the demo uses 1)
     }  # fmt: skip
     first = f"seed{args.seeds[0]}/{POTSA}"
     jobs = [Job(first, args.out / f"seed{args.seeds[0]}" / slug(POTSA), STAGES[2], {**common, "seed": args.seeds[0]})]
@@ -260,6 +276,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
             **(BEYOND_ROWS if args.suite != "paper" else {})}  # fmt: skip
     if not (args.demo / STAGES[1] / "config.json").exists():
         demo.main(["--out", str(args.demo), "--corpus", str(args.corpus)])
+    bind_to_checkpoint(args.out, args.demo / STAGES[1])
     start = time.perf_counter()
     execute(plan(args, rows), args.workers, args.out / "logs")
     table = collect(args, rows)

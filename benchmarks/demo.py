@@ -8,7 +8,8 @@
 2. stand-ins   a Whisper encoder pretrained on multilingual ASR of the corpus and a Qwen2 LM pretrained on the
                train-split target texts, then frozen (saved under runs/standins: a rerun skips this)
 3. stages      training/run.py, as in the paper: 1 ASR pretraining, 2 S2TT, 3 POTSA (bias compensation estimated
-               from audio of every language, then CE + lambda * OT with UCB over Q-Former layers 1-3), each from the
+               from audio of every language, then CE + lambda * OT with UCB over Q-Former layers 1-2; lambda 1 and
+               lr 1e-3 chosen on validation by benchmarks/stage3_selection.py), each from the
                previous stage's checkpoint; the zero-shot languages take no part in any stage (strict protocol)
 4. report      per-language BLEU and exact match (seen and zero-shot), examples, wall time per phase; the final
                checkpoint (a self-contained bundle) is loaded back through `pipeline("translation", ...)`.

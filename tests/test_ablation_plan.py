@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.ablation import BEYOND_ROWS, PAPER_ROWS, POTSA, STAGE2_ONLY, plan
+from benchmarks.ablation import BEYOND_ROWS, PAPER_LAMBDA, PAPER_ROWS, POTSA, STAGE2_ONLY, bind_to_checkpoint, plan
 from training.arguments import load_settings, parse_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,5 +48,18 @@ def test_job_graph_starts_every_row_from_the_demo_stage2_and_fills_the_encoder_c
         assert job.out_dir.parent == tmp_path / "ablation" / name.split("/")[0]
     assert jobs[f"seed0/{STAGE2_ONLY}"].settings["learning_rate"] == 0.0
     assert jobs["seed1/+ BC only"].settings["max_steps"] == 10
+    assert jobs[f"seed1/{POTSA}"].settings["ot_loss_weight"] == PAPER_LAMBDA  # whatever the demo's config says
+    assert jobs["seed1/POTSA, lambda 1 (paper: 10)"].settings["ot_loss_weight"] == 1.0
     assert len({job.out_dir for job in jobs.values()}) == len(jobs)
     assert not any(job.done for job in jobs.values())
+
+
+def test_finished_rows_are_reused_only_for_the_checkpoint_they_were_trained_from(tmp_path):
+    checkpoint = tmp_path / "stage2"
+    checkpoint.mkdir()
+    (checkpoint / "model.safetensors").write_bytes(b"weights of one build")
+    bind_to_checkpoint(tmp_path / "ablation", checkpoint)
+    bind_to_checkpoint(tmp_path / "ablation", checkpoint)  # a rerun on the same checkpoint resumes
+    (checkpoint / "model.safetensors").write_bytes(b"weights of a rebuilt demo")
+    with pytest.raises(SystemExit, match="another stage-2 checkpoint"):
+        bind_to_checkpoint(tmp_path / "ablation", checkpoint)
