@@ -7,7 +7,8 @@ learning rate, and lambda 10 then pulls the Q-Former away from what stage 2 taug
 row here is the demo's stage 3 (training/configs/tiny_stage3_potsa.yaml: BC + OT with UCB over layers 1-2, 400
 steps, seed 0) from the demo's stage-2 checkpoint with one (learning rate, lambda) pair, evaluated on the whole
 validation split. The demo config takes the row with the best seen-language exact match. Jobs run like the
-ablation's (single-threaded `training/run.py` subprocesses, resumable). Results: benchmarks/results/stage3_selection.md.
+ablation's (single-threaded `training/run.py` subprocesses, resumable).
+Results: benchmarks/results/stage3_selection.md.
 """
 
 from __future__ import annotations
@@ -28,6 +29,21 @@ def row_name(learning_rate: float, weight: float) -> str:
     return f"lr {learning_rate:g}, lambda {weight:g}"
 
 
+def plan(args: argparse.Namespace) -> list[Job]:
+    """One demo stage 3 per grid row, from the demo's stage-2 checkpoint, evaluated on the validation split. The
+    first row runs alone: it completes the encoder cache if needed, so the concurrent rows only ever read it."""
+    common = {
+        "data_path": str(args.corpus), "encoder_cache_dir": str(args.demo / "encoder_cache"),
+        "init_from": str(args.demo / STAGES[1]), "eval_split": "validation", "seed": 0,
+    }  # fmt: skip
+    jobs: list[Job] = []
+    for learning_rate, weight in GRID:
+        name = row_name(learning_rate, weight)
+        settings = {**common, "learning_rate": learning_rate, "ot_loss_weight": weight}
+        jobs.append(Job(name, args.out / slug(name), STAGES[2], settings, [jobs[0].name] if jobs else []))
+    return jobs
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, float]]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo", type=Path, default=Path("runs/demo"), help="the demo's output (stage 2 is used)")
@@ -39,18 +55,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, dict[str, float]]
     if not (args.demo / STAGES[1] / "config.json").exists():
         raise SystemExit(f"No stage-2 checkpoint in {args.demo / STAGES[1]}: run `python -m benchmarks.demo` first.")
     bind_to_checkpoint(args.out, args.demo / STAGES[1])
-    common = {
-        "data_path": str(args.corpus), "encoder_cache_dir": str(args.demo / "encoder_cache"),
-        "init_from": str(args.demo / STAGES[1]), "eval_split": "validation", "seed": 0,
-    }  # fmt: skip
-    jobs = [
-        Job(row_name(lr, weight), args.out / slug(row_name(lr, weight)), STAGES[2],
-            {**common, "learning_rate": lr, "ot_loss_weight": weight})
-        for lr, weight in GRID
-    ]  # fmt: skip
-    jobs[1:] = [Job(job.name, job.out_dir, job.config, job.settings, [jobs[0].name]) for job in jobs[1:]]
+    jobs = plan(args)
     start = time.perf_counter()
-    execute(jobs, args.workers, args.out / "logs")  # the first job alone: it completes the encoder cache if needed
+    execute(jobs, args.workers, args.out / "logs")
     table = {job.name: json.loads((job.out_dir / "results.json").read_text())["groups"] for job in jobs}
     best = max(table, key=lambda name: table[name]["seen"]["exact_match"])
     lines = [

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import stage3_selection
 from benchmarks.ablation import BEYOND_ROWS, PAPER_LAMBDA, PAPER_ROWS, POTSA, STAGE2_ONLY, bind_to_checkpoint, plan
 from training.arguments import load_settings, parse_settings
 
@@ -63,3 +64,18 @@ def test_finished_rows_are_reused_only_for_the_checkpoint_they_were_trained_from
     (checkpoint / "model.safetensors").write_bytes(b"weights of a rebuilt demo")
     with pytest.raises(SystemExit, match="another stage-2 checkpoint"):
         bind_to_checkpoint(tmp_path / "ablation", checkpoint)
+
+
+def test_stage3_selection_rows_run_on_validation_and_include_the_demo_setting(tmp_path):
+    """Every grid row is a stage 3 from the demo's stage 2 on the validation split (never test), and the demo's
+    stage-3 config is one of the rows (the one the selection picked)."""
+    args = argparse.Namespace(out=tmp_path / "selection", demo=tmp_path / "demo", corpus=tmp_path / "corpus")
+    jobs = stage3_selection.plan(args)
+    grid = [(job.settings["learning_rate"], job.settings["ot_loss_weight"]) for job in jobs]
+    assert grid == list(stage3_selection.GRID)
+    assert jobs[0].after == [] and all(job.after == [jobs[0].name] for job in jobs[1:])
+    for job in jobs:
+        assert job.config == "tiny_stage3_potsa" and job.settings["eval_split"] == "validation"
+        assert job.settings["init_from"] == str(tmp_path / "demo/tiny_stage2_s2tt") and not job.done
+    demo_settings = load_settings(REPO / "training/configs/tiny_stage3_potsa.yaml", [])
+    assert (demo_settings["learning_rate"], demo_settings["ot_loss_weight"]) in stage3_selection.GRID
