@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -21,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from benchmarks.machine import cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
 PROTOTYPE_SECONDS_PER_STEP = 300 / 1500  # DEMO_NOTES.md: stand-in encoder, 1,500 steps x 64 in 300 s
@@ -50,15 +51,6 @@ def seconds_per_step(threads: int, steps: int, warmup: int = 3) -> float:
         optimizer.step()
         optimizer.zero_grad()
     return (time.perf_counter() - start) / steps
-
-
-def cpu_name() -> str:
-    try:
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]  # fmt: skip
-    except OSError:
-        names = []
-    return names[0] if names else platform.processor() or "unknown CPU"
 
 
 def main(argv: list[str] | None = None) -> str:

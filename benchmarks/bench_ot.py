@@ -34,6 +34,7 @@ from geomloss import SamplesLoss
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.machine import cpu_name  # noqa: E402
 from modeling_potsa.optimal_transport import sinkhorn_divergence  # noqa: E402
 
 BLUR = 0.05
@@ -346,11 +347,9 @@ def to_markdown(report: dict) -> str:
 
 
 def environment() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
     import geomloss
 
-    return {"date": time.strftime("%Y-%m-%d"), "cpu": cpu, "threads": THREADS, "torch": torch.__version__,
+    return {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "threads": THREADS, "torch": torch.__version__,
             "geomloss": geomloss.__version__, "pot": ot.__version__, "python": platform.python_version()}
 
 
