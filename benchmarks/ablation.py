@@ -40,7 +40,7 @@ from benchmarks import demo
 from benchmarks.demo import REPO, STAGES
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 NO_BIAS = {"use_bias_compensation": False, "estimate_bias": False}
 PARALLEL_AUDIO = {"zero_shot_protocol": "parallel_audio"}
@@ -143,7 +143,7 @@ def execute(jobs: list[Job], workers: int, log_dir: Path) -> None:
     pending = [job for job in jobs if not job.done]
     finished = {job.name for job in jobs if job.done}
     running: dict[str, tuple[subprocess.Popen, float]] = {}
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     total, start = len(pending), time.perf_counter()
     while pending or running:
         for job in [job for job in pending if set(job.after) <= finished][: workers - len(running)]:

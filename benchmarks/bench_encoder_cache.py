@@ -1,6 +1,6 @@
 """Training-loop time per epoch from audio features vs from the encoder-output cache, plus the one-time cache build.
 
-    python benchmarks/bench_encoder_cache.py [--utterances 256] [--batch-size 16] [--repeats 5] [--threads 2]
+    python -m benchmarks.bench_encoder_cache [--utterances 256] [--batch-size 16] [--repeats 5] [--threads 2]
 
 A tiny POTSA model with a larger encoder than the test model (4 layers, width 64; see ENCODER below) so that the
 encoder's share of the work is not negligible, trained (forward + backward + AdamW step on the trainable parts) over
@@ -16,7 +16,6 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,13 +25,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from benchmarks.corpus import FEATURES
+from modeling_potsa import PotsaForSpeechTranslation, PotsaProcessor
+from potsa_training.collator import PotsaCollator
+from potsa_training.encoder_cache import EncoderCache, cache_encoder_outputs
+from potsa_training.sampler import ParallelBatchSampler
+from potsa_training.tiny import build_tiny_potsa
 
-from benchmarks.corpus import FEATURES  # noqa: E402
-from modeling_potsa import PotsaForSpeechTranslation, PotsaProcessor  # noqa: E402
-from modeling_potsa.tiny import build_tiny_potsa  # noqa: E402
-from training.data import EncoderCache, ParallelBatchSampler, PotsaCollator, cache_encoder_outputs  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 LANGUAGES = ("es", "ja", "ru", "ko")
 ENCODER = {"encoder_layers": 4, "encoder_hidden_size": 64}
@@ -142,7 +142,7 @@ def main() -> str:
     lines = [
         "# Encoder-output cache: training-loop time per epoch",
         "",
-        f"Command: `python benchmarks/bench_encoder_cache.py --utterances {args.utterances} --batch-size "
+        f"Command: `python -m benchmarks.bench_encoder_cache --utterances {args.utterances} --batch-size "
         f"{args.batch_size} --repeats {args.repeats} --threads {args.threads}`",
         "",
         f"Model: `build_tiny_potsa(languages={list(LANGUAGES)}, encoder_layers=4, encoder_hidden_size=64)` (4 s "

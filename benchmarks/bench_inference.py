@@ -1,7 +1,7 @@
 """Inference benchmarks of the speech-translation pipeline: speed on CPU, and language-identification accuracy.
 
-    python benchmarks/bench_inference.py speed [--repeats 5] [--out benchmarks/results/bench_inference.md]
-    python benchmarks/bench_inference.py language-id --model CKPT --dataset DIR [--split test] [--per-language 200]
+    python -m benchmarks.bench_inference speed [--repeats 5] [--out benchmarks/results/bench_inference.md]
+    python -m benchmarks.bench_inference language-id --model CKPT --dataset DIR [--split test] [--per-language 200]
 
 Speed: utterances per second and real-time factor (compute seconds per second of audio) against batch size, with
 the time split between the frozen encoder (`encode_speech`), the Q-Former + projector (`speech_to_soft_prompt`) and
@@ -21,7 +21,6 @@ import functools
 import os
 import platform
 import statistics
-import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -32,14 +31,12 @@ import numpy as np
 import torch
 from transformers import pipeline
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a clone without installing
+from examples.batch_translate import batches, load_split
+from examples.tiny_end_to_end import tone
+from modeling_potsa import PotsaSpeechTranslationPipeline
+from potsa_training.tiny import build_tiny_potsa
 
-from examples.batch_translate import batches, load_split  # noqa: E402
-from examples.tiny_end_to_end import tone  # noqa: E402
-from modeling_potsa import PotsaSpeechTranslationPipeline  # noqa: E402
-from modeling_potsa.tiny import build_tiny_potsa  # noqa: E402
-from training.data import audio_input  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 CONFIGS: dict[str, dict[str, int]] = {
     "tiny": {},  # build_tiny_potsa defaults: encoder 32 x 2 layers, Q-Former 32 x 3, 8 queries, LLM 32 x 2
@@ -148,7 +145,7 @@ def speed_table(rows: list[dict[str, Any]], repeats: int, num_clips: int, new_to
     lines = [
         "# Inference speed (CPU)",
         "",
-        f"`python benchmarks/bench_inference.py speed --repeats {repeats} --threads "
+        f"`python -m benchmarks.bench_inference speed --repeats {repeats} --threads "
         f"{' '.join(str(t) for t in dict.fromkeys(row['threads'] for row in rows))}`: "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared with other jobs: load average "
         f"{load} when the run ended), torch {torch.__version__}, no GPU. {num_clips} clips of {CLIP_SECONDS:g} s (one "
@@ -204,7 +201,7 @@ def language_id_accuracy(
         ]
         if not rows:
             continue
-        detected = pipe.detect_language([audio_input(row["audio"]) for row in rows])
+        detected = pipe.detect_language([row["audio"] for row in rows])
         for row, code in zip(rows, detected):
             seen[row["language"]] += 1
             correct[row["language"]] += code == row["language"]
@@ -247,7 +244,7 @@ def main(argv: list[str] | None = None) -> Any:
 
 
 def language_id_table(accuracy: dict[str, float], args: argparse.Namespace, num_languages: int) -> str:
-    command = f"python benchmarks/bench_inference.py language-id --model {args.model} --dataset {args.dataset}"
+    command = f"python -m benchmarks.bench_inference language-id --model {args.model} --dataset {args.dataset}"
     lines = [
         "# Language detection (`language=None`): nearest bias centroid of the pooled encoder output",
         "",

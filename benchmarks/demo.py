@@ -33,7 +33,7 @@ from transformers import pipeline
 from benchmarks.corpus import generate_corpus
 from benchmarks.standins import build_standins
 from modeling_potsa import PotsaForSpeechTranslation, PotsaProcessor
-from training.run import run
+from potsa_training.run import run
 
 REPO = Path(__file__).resolve().parents[1]
 SEEN = ["en", "es", "ru", "ja"]

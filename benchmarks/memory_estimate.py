@@ -1,6 +1,6 @@
 """GPU memory a real-size POTSA stage needs, per GPU, with the frozen encoder cached and not.
 
-    python benchmarks/memory_estimate.py [--batch-size 8] [--frames 1500]
+    python -m benchmarks.memory_estimate [--batch-size 8] [--frames 1500]
 
 Nothing here needs a GPU or a download. Parameters are counted on the meta device (training/configs/model_paper.yaml).
 Activations are *measured*: one real-width Qwen2.5-7B decoder layer, the LM head and the real-size Q-Former run
@@ -17,7 +17,6 @@ gradients of the 85 M trainable parameters by the number of GPUs; they are a sma
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,10 +25,9 @@ import yaml
 from transformers import Blip2QFormerModel
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from modeling_potsa import PotsaConfig, PotsaForSpeechTranslation
 
-from modeling_potsa import PotsaConfig, PotsaForSpeechTranslation  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 GIB = 2**30
 BF16 = 2
@@ -106,7 +104,7 @@ def table(batch_size: int, frames: int) -> str:
     trainable = counts["trainable"] * TRAINABLE_BYTES
     layers = config.text_config.num_hidden_layers
     lines = [
-        "# GPU memory per GPU, real size (estimate; `python benchmarks/memory_estimate.py`)",
+        "# GPU memory per GPU, real size (estimate; `python -m benchmarks.memory_estimate`)",
         "",
         f"Whisper-large-v3 encoder + Qwen2.5-7B-Instruct in bfloat16 (frozen), the 8-block Q-Former + projector + "
         f"bias table in float32 with AdamW ({counts['trainable'] / 1e6:.1f} M trainable parameters), {frames} "

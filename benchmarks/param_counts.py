@@ -1,6 +1,6 @@
 """Parameter counts (trainable vs total) of the tiny demo model and the paper's real-size model.
 
-    python benchmarks/param_counts.py
+    python -m benchmarks.param_counts
 
 The real-size model is instantiated on the meta device from training/configs/model_paper.yaml: exact counts, no
 download, no memory. Results go to benchmarks/results/param_counts.md.
@@ -8,17 +8,15 @@ download, no memory. Results go to benchmarks/results/param_counts.md.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from modeling_potsa import PotsaConfig, PotsaForSpeechTranslation
+from potsa_training.tiny import build_tiny_potsa
 
-from modeling_potsa import PotsaConfig, PotsaForSpeechTranslation  # noqa: E402
-from modeling_potsa.tiny import build_tiny_potsa  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 PARTS = ("speech_encoder", "bias_compensation", "query_tokens", "qformer", "projector", "language_model")
 
@@ -33,7 +31,7 @@ def main() -> str:
     paper = PotsaConfig(**yaml.safe_load((REPO / "training/configs/model_paper.yaml").read_text()))
     rows = {"tiny (tests)": count(tiny_model.config), "paper (Whisper-large-v3 + Qwen2.5-7B)": count(paper)}
     lines = [
-        "# Parameter counts (meta-device init; `python benchmarks/param_counts.py`)",
+        "# Parameter counts (meta-device init; `python -m benchmarks.param_counts`)",
         "",
         "| model | " + " | ".join(PARTS) + " | trainable | total | trainable % |",
         "|---" * (len(PARTS) + 4) + "|",

@@ -52,8 +52,8 @@ from transformers import (
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from modeling_potsa.processing_potsa import PotsaProcessor
-from modeling_potsa.tiny import TINY_TASK_INSTRUCTIONS, tiny_feature_extractor, train_char_tokenizer
-from training.data import audio_features
+from potsa_training.rows import audio_features
+from potsa_training.tiny import TINY_TASK_INSTRUCTIONS, tiny_feature_extractor, train_char_tokenizer
 
 TEXT_FILLER = "_"  # an empty soft-prompt slot in the stand-in LLM's text tasks
 

@@ -1,6 +1,6 @@
 """Translate a `datasets` dataset saved to disk (an `audio` and a `language` column) into a JSONL file.
 
-    python examples/batch_translate.py --model DIR_OR_REPO --dataset DIR [--split test] --out predictions.jsonl
+    python -m examples.batch_translate --model DIR_OR_REPO --dataset DIR [--split test] --out predictions.jsonl
 
 One JSON object per row, in dataset order: the row's index and text columns (e.g. sentence_id, the reference
 `translation`), the model's `translation_text` and, with `--detect-language`, the `detected_language` (the
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,10 +18,6 @@ from typing import Any
 import datasets
 from tqdm.auto import tqdm
 from transformers import pipeline
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
-
-from training.data import audio_input  # noqa: E402  (decodes file paths, parquet bytes and int16 PCM lists)
 
 
 def load_split(path: str | Path, split: str) -> datasets.Dataset:
@@ -73,7 +68,7 @@ def main(argv: list[str] | None = None) -> Path:
     with args.out.open("w", encoding="utf-8") as out, tqdm(total=len(dataset), unit="utt", desc="Translating") as bar:
         for rows in batches(dataset, args.batch_size):
             inputs = [
-                {"audio": audio_input(row["audio"]), "language": None if args.detect_language else row["language"]}
+                {"audio": row["audio"], "language": None if args.detect_language else row["language"]}
                 for row in rows
             ]
             for row, result in zip(rows, translate(inputs, batch_size=args.batch_size)):

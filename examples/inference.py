@@ -1,7 +1,7 @@
 """Translate an audio file or a saved array with a POTSA checkpoint, through the speech-translation pipeline.
 
-    python examples/inference.py --model DIR_OR_REPO --audio speech.flac --language es
-    python examples/inference.py --model DIR_OR_REPO --array clip.npy --sampling-rate 22050   # language detected
+    python -m examples.inference --model DIR_OR_REPO --audio speech.flac --language es
+    python -m examples.inference --model DIR_OR_REPO --array clip.npy --sampling-rate 22050   # language detected
 
 Only transformers is needed: the checkpoint brings its own code (`trust_remote_code=True`).
 """

@@ -11,12 +11,9 @@ The directory then loads anywhere, without this package installed:
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
-
-from modeling_potsa.tiny import build_tiny_potsa  # noqa: E402
+from potsa_training.tiny import build_tiny_potsa
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -1,7 +1,7 @@
 """Plot the language bias of the speech encoder: utterances' pooled encoder outputs and each language's centroid,
 in 2-D (PCA), before and after bias compensation.
 
-    python examples/plot_language_bias.py --model DIR_OR_REPO --dataset DIR [--split test] --out language_bias.png
+    python -m examples.plot_language_bias --model DIR_OR_REPO --dataset DIR [--split test] --out language_bias.png
 
 Before compensation utterances cluster by language; after subtracting each language's bias vector the centroids
 meet at the origin and what remains is content and speaker. If the checkpoint's bias table was never estimated
@@ -12,7 +12,6 @@ audio, and the title says so. Also printed: the share of the variance that the l
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +22,12 @@ import torch
 from transformers import AutoModel, AutoProcessor
 
 matplotlib.use("Agg")  # files only, no display needed
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
-
-from examples.batch_translate import batches, load_split  # noqa: E402
-from modeling_potsa.bias_compensation import LanguageBiasEstimator, masked_time_mean  # noqa: E402
-from training.data import audio_features  # noqa: E402
+from examples.batch_translate import batches, load_split
+from modeling_potsa.bias_compensation import masked_time_mean
+from potsa_training.bias_estimation import LanguageBiasEstimator
+from potsa_training.rows import audio_features
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """Plot the optimal-transport plan between the Q-Former tokens of two parallel utterances (a heatmap).
 
-    python examples/plot_transport_plan.py --model DIR_OR_REPO --dataset DIR --languages es ja --layer 1 \
+    python -m examples.plot_transport_plan --model DIR_OR_REPO --dataset DIR --languages es ja --layer 1 \
         --out transport_plan.png
 
 The OT loss of POTSA compares two utterances of the same sentence token by token: each query token of one is
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +25,10 @@ import torch
 from transformers import AutoModel, AutoProcessor
 
 matplotlib.use("Agg")  # files only, no display needed
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
-
-from examples.batch_translate import load_split  # noqa: E402
-from training.data import audio_features  # noqa: E402
+from examples.batch_translate import load_split
+from potsa_training.rows import audio_features
 
 
 def parallel_rows(dataset: Any, languages: tuple[str, str], sentence_id: str | None) -> list[dict[str, Any]]:

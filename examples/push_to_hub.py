@@ -1,6 +1,6 @@
 """Publish a POTSA checkpoint on the Hugging Face Hub: build the exact folder, then `upload_folder` it.
 
-    python examples/push_to_hub.py --checkpoint DIR --repo-id USER/NAME [--results results.json] [--dry-run OUT_DIR]
+    python -m examples.push_to_hub --checkpoint DIR --repo-id USER/NAME [--results results.json] [--dry-run OUT_DIR]
 
 The folder is written by the same `save_pretrained` calls a user's load relies on, never copied by hand:
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -30,10 +29,8 @@ from typing import Any
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
-
-from modeling_potsa import PotsaForSpeechTranslation, PotsaProcessor  # noqa: E402
-from modeling_potsa.configuration_potsa import PotsaConfig  # noqa: E402
+from modeling_potsa import PotsaForSpeechTranslation, PotsaProcessor
+from modeling_potsa.configuration_potsa import PotsaConfig
 
 MODEL_CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "model_card.md"
 

@@ -1,6 +1,6 @@
 """A tiny POTSA model end to end, offline: build, loss + backward, generate, save, reload through AutoModel.
 
-    python examples/tiny_end_to_end.py [--out runs/tiny_end_to_end]
+    python -m examples.tiny_end_to_end [--out runs/tiny_end_to_end]
 
 The weights are random, so the "translation" is noise; what this shows is the whole path a real checkpoint takes.
 """
@@ -8,18 +8,14 @@ The weights are random, so the "translation" is noise; what this shows is the wh
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import AutoModel, AutoProcessor
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
-
-from transformers import AutoModel, AutoProcessor  # noqa: E402
-
-from modeling_potsa.tiny import build_tiny_potsa  # noqa: E402
+from potsa_training.tiny import build_tiny_potsa
 
 
 def tone(seconds: float, pitch: float, sampling_rate: int = 22_050) -> np.ndarray:

@@ -1,13 +1,15 @@
 """Turn whatever audio a user has into a validated mono float32 waveform at the model's sampling rate.
 
-Everything a user may pass ends here: arrays (numpy, torch, lists) with an explicit sampling rate, `datasets`-style
-dicts ({"array"/"raw": ..., "sampling_rate": ...}) and file paths. Bad input fails here with a `ValueError` that
-names the problem, instead of turning into silent garbage features (NaN frames, a wrong-speed spectrogram, a
-stereo file read as twice-as-long mono).
+Everything a user or a dataset row may pass is decoded here, and only here: arrays (numpy, torch, lists) with an
+explicit sampling rate, `datasets`-style dicts ({"array"/"raw": ..., "sampling_rate": ...}, or undecoded
+{"bytes", "path"} as parquet and `Audio(decode=False)` columns hold them) and file paths. Bad input fails here with a
+`ValueError` that names the problem, instead of turning into silent garbage features (NaN frames, a wrong-speed
+spectrogram, a stereo file read as twice-as-long mono).
 """
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any
 
@@ -39,33 +41,63 @@ def resample(waveform: torch.Tensor, orig_sampling_rate: int, target_sampling_ra
     return torch.from_numpy(resampled).float()
 
 
+def _soundfile_decode(source: Any, name: str) -> tuple[torch.Tensor, int]:
+    """Decode encoded audio with soundfile, imported here so that only such inputs need it. The import sits in a
+    try block, which transformers' remote-code import check skips: a Hub user without soundfile can still load the
+    model and translate arrays, and gets this ValueError for a file."""
+    try:
+        import soundfile
+    except ImportError as error:
+        raise ValueError(
+            f"Decoding audio {name} needs the `soundfile` package (`pip install soundfile`); or pass the decoded "
+            "samples as an array with `sampling_rate=`."
+        ) from error
+    try:
+        samples, sampling_rate = soundfile.read(source, dtype="float32", always_2d=True)
+    except (RuntimeError, soundfile.LibsndfileError) as error:
+        raise ValueError(f"Cannot decode audio {name}: {error}") from error
+    return torch.from_numpy(samples), int(sampling_rate)
+
+
 def read_audio_file(path: str | os.PathLike) -> tuple[torch.Tensor, int]:
     """(samples, channels) float32 and the file's sampling rate, decoded with soundfile (wav/flac/ogg/...)."""
     if not os.path.isfile(path):
         raise ValueError(f"Audio file not found: {os.fspath(path)!r}.")
-    import soundfile  # lazily: only file inputs need it
+    return _soundfile_decode(os.fspath(path), f"file {os.fspath(path)!r}")
 
-    try:
-        samples, sampling_rate = soundfile.read(os.fspath(path), dtype="float32", always_2d=True)
-    except (RuntimeError, soundfile.LibsndfileError) as error:
-        raise ValueError(f"Cannot decode audio file {os.fspath(path)!r}: {error}") from error
-    return torch.from_numpy(samples), int(sampling_rate)
+
+def decode_audio_bytes(data: bytes, name: str | None = None) -> tuple[torch.Tensor, int]:
+    """(samples, channels) float32 and the sampling rate of an encoded file held in memory (a parquet cell)."""
+    return _soundfile_decode(io.BytesIO(data), f"bytes ({name or 'no file name'})")
+
+
+def _declared_rate(found: Any, declared: int | None, where: str) -> int | None:
+    """The audio's own rate, refusing a different declared one (a row's `sampling_rate`, or `sampling_rate=`)."""
+    if found is not None and declared is not None and int(found) != int(declared):
+        raise ValueError(f"Wrong sampling rate: the {where} is at {int(found)} Hz but {int(declared)} Hz was declared.")
+    return found if found is not None else declared
 
 
 def _unpack(audio: Any, sampling_rate: int | None) -> tuple[Any, int | None, bool]:
     """Split the accepted containers into (samples, sampling rate, samples-are-(time, channels))."""
     if isinstance(audio, (str, os.PathLike)):
         samples, file_rate = read_audio_file(audio)
-        return samples, file_rate, True
-    if isinstance(audio, dict):
-        keys = [key for key in ("array", "raw") if key in audio]
-        if len(keys) != 1:
-            raise ValueError(f"An audio dict needs exactly one of 'array' or 'raw' (got keys {sorted(audio)}).")
-        dict_rate = audio.get("sampling_rate")
-        if sampling_rate is not None and dict_rate is not None and int(dict_rate) != int(sampling_rate):
-            raise ValueError(f"Conflicting sampling rates: {dict_rate} in the audio dict, {sampling_rate} passed.")
-        return audio[keys[0]], dict_rate if dict_rate is not None else sampling_rate, False
-    return audio, sampling_rate, False
+        return samples, _declared_rate(file_rate, sampling_rate, f"file {os.fspath(audio)!r}"), True
+    if not isinstance(audio, dict):
+        return audio, sampling_rate, False
+    keys = [key for key in ("array", "raw") if audio.get(key) is not None]
+    if len(keys) > 1:
+        raise ValueError(f"An audio dict needs one of 'array' or 'raw', not both (got keys {sorted(audio)}).")
+    if keys:
+        return audio[keys[0]], _declared_rate(audio.get("sampling_rate"), sampling_rate, "audio dict"), False
+    if audio.get("bytes") is not None:
+        samples, rate = decode_audio_bytes(audio["bytes"], audio.get("path"))
+        return samples, _declared_rate(rate, sampling_rate, "encoded audio"), True
+    if audio.get("path"):
+        return _unpack(audio["path"], sampling_rate)
+    raise ValueError(
+        f"An audio dict needs a value for 'array' (or 'raw'), 'bytes' or 'path'; got keys {sorted(audio)}, all empty."
+    )
 
 
 def _check_sampling_rate(sampling_rate: Any) -> int:
@@ -84,22 +116,28 @@ def _check_sampling_rate(sampling_rate: Any) -> int:
     return sampling_rate
 
 
-def _as_float_tensor(samples: Any) -> torch.Tensor:
-    """Convert to float32; integer PCM is scaled to [-1, 1]; other dtypes are refused rather than guessed."""
+def canonical_samples(samples: Any) -> torch.Tensor:
+    """One tensor per recording, whichever way it was read: float audio as float32, integer PCM as the narrowest of
+    int16 / int32 that holds every sample (`datasets` hands an int16 column back as Python ints, which arrive as
+    int64). The same samples read as a list or as an Arrow buffer thus decode, and hash, identically."""
     try:
         tensor = torch.as_tensor(samples)
     except (TypeError, ValueError, RuntimeError) as error:
         raise ValueError(f"Audio must be a numeric array, got {type(samples).__name__}: {error}") from error
+    if tensor.dtype == torch.float64:
+        return tensor.float()
     if tensor.dtype == torch.int64 and tensor.numel():
-        # Python int lists (how `datasets` rows return int16 PCM) arrive as int64: read them as the narrowest PCM
-        # width that holds every sample, and refuse what no PCM width explains.
         low, high = int(tensor.min()), int(tensor.max())
         for dtype in (torch.int16, torch.int32):
             if torch.iinfo(dtype).min <= low and high <= torch.iinfo(dtype).max:
-                tensor = tensor.to(dtype)
-                break
-        else:
-            raise ValueError(f"Integer audio with values up to {max(-low, high)} is not 16- or 32-bit PCM.")
+                return tensor.to(dtype)
+        raise ValueError(f"Integer audio with values up to {max(-low, high)} is not 16- or 32-bit PCM.")
+    return tensor
+
+
+def _as_float_tensor(samples: Any) -> torch.Tensor:
+    """Convert to float32; integer PCM is scaled to [-1, 1]; other dtypes are refused rather than guessed."""
+    tensor = canonical_samples(samples)
     if tensor.dtype in _INTEGER_PCM_SCALE:
         return tensor.float() / _INTEGER_PCM_SCALE[tensor.dtype]
     if not tensor.is_floating_point():
@@ -173,8 +211,10 @@ def load_waveform(
     """Validate and convert one audio input to a 1-D float32 waveform at `target_sampling_rate`.
 
     Args:
-        audio: a file path, a dict with "array"/"raw" and "sampling_rate", or an array (numpy, torch, list).
-        sampling_rate: rate of a raw array (required for arrays; files and dicts carry their own).
+        audio: a file path, a dict with "array"/"raw" and "sampling_rate" or with encoded "bytes" / a "path", or an
+            array (numpy, torch, list).
+        sampling_rate: rate of a raw array (required for arrays); for files and dicts, which carry their own, a
+            declared rate that must agree with it.
         target_sampling_rate: the feature extractor's rate (16 kHz for Whisper).
         downmix: average multi-channel audio instead of refusing it.
         max_seconds: refuse longer audio (the encoder window), if given.
@@ -186,4 +226,4 @@ def load_waveform(
     return resample(waveform.contiguous(), rate, target_sampling_rate)
 
 
-__all__ = ["checked_waveform", "load_waveform", "read_audio_file", "resample"]
+__all__ = ["canonical_samples", "checked_waveform", "decode_audio_bytes", "load_waveform", "read_audio_file", "resample"]

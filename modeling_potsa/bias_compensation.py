@@ -53,8 +53,8 @@ def masked_time_mean(frames: torch.Tensor, frame_mask: torch.Tensor | None) -> t
 class LanguageBiasCompensation(nn.Module):
     """A (num_languages, hidden_size) table; row `l` is subtracted from every frame of an utterance in language `l`.
 
-    The rows start at zero (identity) and are set from an estimate (`LanguageBiasEstimator`); the paper's code keeps
-    them trainable afterwards, which `PotsaConfig.train_bias` controls. In "affine" mode (module docstring) a second
+    The rows start at zero (identity) and are set from an estimate (training's `estimate_language_bias`); the paper's code keeps
+    them trainable afterwards, which training's `train_bias` controls. In "affine" mode (module docstring) a second
     table, ``scale``, multiplies the centred frames, and the buffer ``reference_std`` (zeros until the first
     estimate) is the spread the scales aim at. A "mean" module has neither, so its checkpoints are the paper's.
 
@@ -148,7 +148,7 @@ class LanguageBiasCompensation(nn.Module):
         if self.scale.shape[0] != self.num_languages:
             raise ValueError(
                 f"The bias table has {self.num_languages} languages but the scale table {self.scale.shape[0]}: a "
-                "language was added without its spread. Add languages with `training.data.apply_language_bias`, or "
+                "language was added without its spread. Add languages with training's `apply_language_bias`, or "
                 "call `set_language_std(row, std)` for the new row."
             )
         return centred * self.scale[language_ids].unsqueeze(1).to(frames.dtype)
@@ -164,49 +164,4 @@ class LanguageBiasCompensation(nn.Module):
         return distances.argmin(dim=-1)
 
 
-class LanguageBiasEstimator:
-    """Streaming per-language mean and spread of time-pooled encoder outputs (float64 sums of values and squares:
-    exact over millions of clips).
-
-    Feed it batches with `update`; `means()` gives the table rows and which languages were seen, `stds()` the
-    per-dimension spreads affine compensation needs. Under data parallelism, `all_reduce()` sums the statistics of
-    every process before reading them.
-    """
-
-    def __init__(self, num_languages: int, hidden_size: int) -> None:
-        self.sums = torch.zeros(num_languages, hidden_size, dtype=torch.float64)
-        self.square_sums = torch.zeros(num_languages, hidden_size, dtype=torch.float64)
-        self.counts = torch.zeros(num_languages, dtype=torch.float64)
-
-    def update(self, pooled: torch.Tensor, language_ids: torch.Tensor) -> None:
-        """pooled (B, d) from `masked_time_mean`, language_ids (B,)."""
-        pooled = pooled.detach().to("cpu", torch.float64)
-        language_ids = language_ids.detach().to("cpu")
-        self.sums.index_add_(0, language_ids, pooled)
-        self.square_sums.index_add_(0, language_ids, pooled.square())
-        self.counts.index_add_(0, language_ids, torch.ones_like(language_ids, dtype=torch.float64))
-
-    def all_reduce(self) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            stats = torch.cat([self.sums, self.square_sums, self.counts.unsqueeze(1)], dim=1)
-            device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-            stats = stats.to(device)
-            torch.distributed.all_reduce(stats)
-            sums, square_sums = stats[:, :-1].cpu().chunk(2, dim=1)  # (num_languages, d) each
-            self.sums, self.square_sums, self.counts = sums, square_sums, stats[:, -1].cpu()
-
-    def means(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(num_languages, d) float32 means and a (num_languages,) bool mask of languages that had any audio."""
-        seen = self.counts > 0
-        means = self.sums / self.counts.clamp_min(1.0).unsqueeze(1)
-        return means.float(), seen
-
-    def stds(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(num_languages, d) float32 population standard deviations and a (num_languages,) bool mask of the
-        languages with at least two utterances (a spread needs two)."""
-        counts = self.counts.clamp_min(1.0).unsqueeze(1)
-        variance = self.square_sums / counts - (self.sums / counts).square()
-        return variance.clamp_min(0.0).sqrt().float(), self.counts >= 2
-
-
-__all__ = ["COMPENSATION_MODES", "LanguageBiasCompensation", "LanguageBiasEstimator", "masked_time_mean"]
+__all__ = ["COMPENSATION_MODES", "LanguageBiasCompensation", "masked_time_mean"]

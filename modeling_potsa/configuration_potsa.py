@@ -14,6 +14,9 @@ from typing import Any
 
 from transformers import AutoConfig, Blip2QFormerConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 # English names used in prompts ("Translate the Spanish speech into Chinese."). Codes missing here fall back to
 # the code itself, so any language can be added; these are the FLEURS languages the paper and the demo use.
@@ -39,10 +42,20 @@ TASK_INSTRUCTIONS: dict[str, str] = {
     "chain": "Transcribe the {source_language} speech, then translate it into {target_language}.",
 }
 
-PAIR_STRATEGIES = ("random_pairwise", "english_anchor_frozen", "english_anchor")
-LAYER_SCHEDULERS = ("ucb", "fixed", "uniform", "round_robin", "all")
-GRADIENT_SURGERY = ("none", "pcgrad")
 BIAS_COMPENSATION_MODES = ("mean", "affine")
+# How the model is trained is not part of what it is: these keys, which configs written before the training settings
+# moved to `potsa_training`'s AlignmentArguments hold, are dropped on load (with one notice).
+TRAINING_ONLY_KEYS = (
+    "ot_loss_weight", "ot_blur", "ot_candidate_layers", "ot_layer_scheduler", "ot_layer_weights", "ot_layer_groups",
+    "ot_gradient_surgery", "ot_gradient_cosine_every", "ot_pair_strategy", "anchor_language", "ucb_beta", "ucb_ema",
+    "ucb_temperature_floor", "ucb_temperature_decay", "train_bias",
+)  # fmt: skip
+# config.json's `custom_pipelines`, written by the model's `save_pretrained`: both task names -> the speech-translation
+# pipeline (pipeline_potsa.py, which it copies beside the model code), its model loaded by AutoModel.
+PIPELINE_TASKS = ("translation", "speech-translation")
+CUSTOM_PIPELINES = {
+    task: {"impl": "pipeline_potsa.PotsaSpeechTranslationPipeline", "pt": ["AutoModel"]} for task in PIPELINE_TASKS
+}
 _LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}([-_][A-Za-z0-9]{2,8})*$")
 
 # Published config.json values of openai/whisper-large-v3 (encoder side) and Qwen/Qwen2.5-7B-Instruct.
@@ -95,8 +108,6 @@ class PotsaConfig(PreTrainedConfig):
             "mean" (the paper): `frames - mean[language]`. "affine": also equalise each language's per-dimension
             spread, `(frames - mean[language]) * scale[language]` with `scale = reference_std / std[language]`
             (see `LanguageBiasCompensation`); the scales are estimated with the means and trained like them.
-        train_bias (`bool`, *optional*, defaults to `True`):
-            Keep the bias table trainable after its estimate, as the paper's code does.
         speech_token_id (`int`, *optional*):
             Id of `speech_token` in the LLM tokenizer (added as a special token by `PotsaProcessor`); recorded here
             so the model can find the soft-prompt positions.
@@ -106,40 +117,11 @@ class PotsaConfig(PreTrainedConfig):
             `task_instructions[task]` may use `{source_language}` and `{target_language}`.
         chain_separator (`str`, *optional*, defaults to `"\n"`):
             Joins transcript and translation in the "chain" task's target.
-        ot_loss_weight (`float`, *optional*, defaults to 10.0):
-            lambda in `CE + lambda * OT`.
-        ot_blur (`float`, *optional*, defaults to 0.05):
-            Sinkhorn blur (epsilon = blur ** 2).
-        ot_candidate_layers (`list[int]`, *optional*, defaults to `[1, 2, 3]`):
-            Q-Former layers (1-based block outputs) the scheduler may align.
-        ot_layer_scheduler (`str`, *optional*, defaults to `"ucb"`):
-            One of "ucb", "fixed", "uniform", "round_robin" (each step picks one arm: a layer, or a group of
-            `ot_layer_groups`) or "all" (every candidate layer at every step, weighted by `ot_layer_weights`).
-        ot_layer_weights (`list[float]`, *optional*):
-            Relative weights of `ot_candidate_layers` (same order, >= 0) inside an arm of several layers (the
-            "all" scheduler, or `ot_layer_groups`): an arm's OT loss is `sum_l w_l OT_l / sum_l w_l` over its
-            layers, so lambda keeps its meaning whatever the arm's size. `None`: equal weights. Only allowed when
-            an arm holds several layers (with one layer per arm the weights would have no effect).
-        ot_layer_groups (`list[list[int]]`, *optional*):
-            Arms made of several layers: the scheduler ("ucb", "uniform", "round_robin"; "fixed" with one group)
-            picks one group per step and aligns all its layers; UCB's reward is the fall of the group's weighted
-            OT loss. Every layer must be one of `ot_candidate_layers`. `None`: each candidate layer is an arm.
-        ot_gradient_surgery (`str`, *optional*, defaults to `"none"`):
-            "pcgrad": when the step's OT gradient conflicts with its CE gradient (negative dot product on the
-            parameters both reach), remove its component along the CE gradient (see `training/trainer.py`).
-        ot_gradient_cosine_every (`int`, *optional*, defaults to 0):
-            Every this many optimizer steps, log the cosine between the CE gradient and the gradient of the OT
-            loss at each Q-Former layer alone, on that layer's parameters (`grad_cosine_layer_{l}`, every layer,
-            aligned or not), and with the applied OT gradient (`grad_cosine_ot`, what PCGrad tests). Such a step
-            costs one more OT loss and Q-Former backward per layer. 0: never.
-        ot_pair_strategy (`str`, *optional*, defaults to `"random_pairwise"`):
-            One of "random_pairwise", "english_anchor_frozen", "english_anchor".
-        anchor_language (`str`, *optional*, defaults to `"en"`):
-            Anchor of the English-anchor strategies.
-        ucb_beta, ucb_ema, ucb_temperature_floor, ucb_temperature_decay:
-            UCB exploration weight, reward EMA, and the softmax temperature `max(floor, decay ** t)`.
         use_lora, lora_rank, lora_alpha, lora_dropout, lora_target_modules:
             Optional LoRA adapters on the LLM (through peft), off by default as in the paper.
+
+    The config describes what the model is (architecture, languages, prompt): it is Hub remote code. How a model is
+    trained (the OT loss, its layer scheduler, pairing) is `potsa_training.arguments.AlignmentArguments`.
     """
 
     model_type = "potsa"
@@ -160,26 +142,11 @@ class PotsaConfig(PreTrainedConfig):
     target_language: str = "zh"
     use_bias_compensation: bool = True
     bias_compensation_mode: str = "mean"
-    train_bias: bool = True
     speech_token: str = SPEECH_TOKEN
     speech_token_id: int | None = None
     prompt_template: str = QWEN_CHAT_TEMPLATE
     task_instructions: dict[str, str] = field(default_factory=lambda: dict(TASK_INSTRUCTIONS))
     chain_separator: str = "\n"
-    ot_loss_weight: float = 10.0
-    ot_blur: float = 0.05
-    ot_candidate_layers: list[int] = field(default_factory=lambda: [1, 2, 3])
-    ot_layer_scheduler: str = "ucb"
-    ot_layer_weights: list[float] | None = None
-    ot_layer_groups: list[list[int]] | None = None
-    ot_gradient_surgery: str = "none"
-    ot_gradient_cosine_every: int = 0
-    ot_pair_strategy: str = "random_pairwise"
-    anchor_language: str = "en"
-    ucb_beta: float = 1.0
-    ucb_ema: float = 0.9
-    ucb_temperature_floor: float = 0.05
-    ucb_temperature_decay: float = 0.999
     use_lora: bool = False
     lora_rank: int = 8
     lora_alpha: int = 16
@@ -187,6 +154,14 @@ class PotsaConfig(PreTrainedConfig):
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
     def __post_init__(self, **kwargs: Any) -> None:
+        legacy = sorted(key for key in TRAINING_ONLY_KEYS if key in kwargs)
+        for key in legacy:
+            kwargs.pop(key)
+        if legacy:
+            logger.warning_once(
+                f"This config holds training-only settings {legacy}, which are now stage settings of potsa_training "
+                "(AlignmentArguments, ModelArguments.train_bias); they are ignored."
+            )
         super().__post_init__(**kwargs)
         # The Q-Former cross-attends to encoder frames, so its key/value width is the encoder's width.
         self.qformer_config.encoder_hidden_size = self.encoder_hidden_size
@@ -223,8 +198,6 @@ class PotsaConfig(PreTrainedConfig):
                 raise ValueError(f"Invalid language code {code!r} in `languages`: use ISO codes such as 'en', 'es'.")
         if len(set(self.languages)) != len(self.languages):
             raise ValueError(f"`languages` has duplicates: {self.languages}.")
-        if self.ot_pair_strategy.startswith("english_anchor") and self.anchor_language not in self.languages:
-            raise ValueError(f"`anchor_language` {self.anchor_language!r} is not in `languages` {self.languages}.")
         if not _LANGUAGE_CODE.match(self.target_language or ""):
             raise ValueError(f"Invalid `target_language` {self.target_language!r}: use an ISO code such as 'zh'.")
         if self.num_query_tokens < 1:
@@ -242,47 +215,11 @@ class PotsaConfig(PreTrainedConfig):
             raise ValueError(
                 f"`speech_token_id` {self.speech_token_id} is outside the LLM vocabulary (size {vocab_size})."
             )
-        if self.ot_loss_weight < 0:
-            raise ValueError(f"`ot_loss_weight` (lambda) must be >= 0, got {self.ot_loss_weight}.")
-        if self.ot_blur <= 0:
-            raise ValueError(f"`ot_blur` must be > 0, got {self.ot_blur}.")
-        if not self.ot_candidate_layers:
-            raise ValueError("`ot_candidate_layers` must name at least one Q-Former layer.")
-        for layer in self.ot_candidate_layers:
-            if not isinstance(layer, int) or not 1 <= layer <= self.num_qformer_layers:
-                raise ValueError(
-                    f"OT candidate layer {layer!r} is outside the Q-Former's layers 1..{self.num_qformer_layers}."
-                )
-        if len(set(self.ot_candidate_layers)) != len(self.ot_candidate_layers):
-            raise ValueError(f"`ot_candidate_layers` has duplicates: {self.ot_candidate_layers}.")
-        if self.ot_layer_scheduler not in LAYER_SCHEDULERS:
-            raise ValueError(f"`ot_layer_scheduler` must be one of {LAYER_SCHEDULERS}, got {self.ot_layer_scheduler!r}.")
-        self._validate_layer_arms()
-        if self.ot_gradient_surgery not in GRADIENT_SURGERY:
-            raise ValueError(
-                f"`ot_gradient_surgery` must be one of {GRADIENT_SURGERY}, got {self.ot_gradient_surgery!r}."
-            )
-        if isinstance(self.ot_gradient_cosine_every, bool) or not (
-            isinstance(self.ot_gradient_cosine_every, int) and self.ot_gradient_cosine_every >= 0
-        ):
-            raise ValueError(
-                f"`ot_gradient_cosine_every` must be an integer >= 0 (0 = off), got {self.ot_gradient_cosine_every!r}."
-            )
         if self.bias_compensation_mode not in BIAS_COMPENSATION_MODES:
             raise ValueError(
                 f"`bias_compensation_mode` must be one of {BIAS_COMPENSATION_MODES}, got "
                 f"{self.bias_compensation_mode!r}."
             )
-        if self.ot_pair_strategy not in PAIR_STRATEGIES:
-            raise ValueError(f"`ot_pair_strategy` must be one of {PAIR_STRATEGIES}, got {self.ot_pair_strategy!r}.")
-        if self.ucb_beta < 0:
-            raise ValueError(f"`ucb_beta` must be >= 0, got {self.ucb_beta}.")
-        if not 0 <= self.ucb_ema < 1:
-            raise ValueError(f"`ucb_ema` must be in [0, 1), got {self.ucb_ema}.")
-        if not 0 < self.ucb_temperature_floor <= 1:
-            raise ValueError(f"`ucb_temperature_floor` must be in (0, 1], got {self.ucb_temperature_floor}.")
-        if not 0 < self.ucb_temperature_decay <= 1:
-            raise ValueError(f"`ucb_temperature_decay` must be in (0, 1], got {self.ucb_temperature_decay}.")
         if self.use_lora and (self.lora_rank < 1 or not self.lora_target_modules):
             raise ValueError("LoRA needs `lora_rank` >= 1 and at least one module in `lora_target_modules`.")
         if self.qformer_config.hidden_size % self.qformer_config.num_attention_heads:
@@ -290,49 +227,6 @@ class PotsaConfig(PreTrainedConfig):
                 f"Q-Former hidden size {self.qformer_config.hidden_size} is not divisible by its "
                 f"{self.qformer_config.num_attention_heads} attention heads."
             )
-
-    def _validate_layer_arms(self) -> None:
-        """`ot_layer_weights` and `ot_layer_groups` refer to `ot_candidate_layers` (checked before this)."""
-        candidates = self.ot_candidate_layers
-        weights = self.ot_layer_weights
-        if weights is not None:
-            if len(weights) != len(candidates):
-                raise ValueError(
-                    f"`ot_layer_weights` has {len(weights)} values for {len(candidates)} `ot_candidate_layers` "
-                    f"{candidates}; give one weight per candidate layer, in the same order."
-                )
-            valid = [not isinstance(w, bool) and isinstance(w, (int, float)) and 0 <= w < float("inf") for w in weights]
-            if not all(valid):
-                raise ValueError(f"`ot_layer_weights` must be finite numbers >= 0, got {weights}.")
-        groups = self.ot_layer_groups
-        if groups is not None:
-            if self.ot_layer_scheduler == "all":
-                raise ValueError(
-                    "The 'all' scheduler aligns every candidate layer; `ot_layer_groups` are for the schedulers that "
-                    "pick one group per step (ucb, uniform, round_robin, fixed). Remove one of the two."
-                )
-            if not groups or any(not group for group in groups):
-                raise ValueError(f"`ot_layer_groups` must be non-empty lists of layers, got {groups}.")
-            for group in groups:
-                outside = [layer for layer in group if layer not in candidates]
-                if outside:
-                    raise ValueError(
-                        f"OT layer group {group} uses layers {outside} that are not in `ot_candidate_layers` "
-                        f"{candidates}; add them there (`ot_layer_weights` follow that list)."
-                    )
-                if len(set(group)) != len(group):
-                    raise ValueError(f"OT layer group {group} lists a layer more than once.")
-            if len({frozenset(group) for group in groups}) != len(groups):
-                raise ValueError(f"`ot_layer_groups` has duplicate groups: {groups}.")
-        arms = [candidates] if self.ot_layer_scheduler == "all" else groups
-        if weights is not None and arms is None:
-            raise ValueError(
-                "`ot_layer_weights` weigh the layers of an arm of several layers; with one layer per step they have no "
-                "effect. Use `ot_layer_scheduler: all` or `ot_layer_groups`, or drop the weights."
-            )
-        for arm in arms or ():
-            if weights is not None and not sum(weights[candidates.index(layer)] for layer in arm) > 0:
-                raise ValueError(f"The layers {arm} all have weight 0 in `ot_layer_weights`; give one a weight > 0.")
 
     @classmethod
     def from_base_models(cls, encoder_model_id: str, text_model_id: str, **kwargs: Any) -> PotsaConfig:
@@ -348,4 +242,4 @@ class PotsaConfig(PreTrainedConfig):
         )
 
 
-__all__ = ["PotsaConfig", "IGNORE_INDEX", "LANGUAGE_NAMES", "SPEECH_TOKEN"]
+__all__ = ["PotsaConfig", "CUSTOM_PIPELINES", "IGNORE_INDEX", "LANGUAGE_NAMES", "SPEECH_TOKEN", "TRAINING_ONLY_KEYS"]

@@ -15,21 +15,26 @@ HuBERT; see `speech_encoders.py`), the LLM any `AutoModelForCausalLM` (Qwen2, Ll
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, Blip2QFormerModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
+from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.modeling_outputs import ModelOutput
 from transformers.pytorch_utils import Conv1D
+from transformers.utils import logging
 
 from .bias_compensation import LanguageBiasCompensation, masked_time_mean
-from .configuration_potsa import IGNORE_INDEX, PotsaConfig
-from .pipeline_potsa import custom_pipelines
+from .configuration_potsa import CUSTOM_PIPELINES, IGNORE_INDEX, PotsaConfig
 from .speech_encoders import SpeechEncoderFamily, speech_encoder_family
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -200,11 +205,12 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
         return speech_encoder_family(self.config.encoder_config)
 
     def freeze_base_models(self) -> None:
-        """The paper trains only the connector: freeze encoder and LLM; the bias table follows `train_bias`."""
+        """The paper trains only the connector: freeze encoder and LLM. The bias table is trainable when it is used,
+        as in the paper's code (training's `train_bias=False` freezes it at its estimate)."""
         self.speech_encoder.requires_grad_(False)
         for name, param in self.language_model.named_parameters():
             param.requires_grad_("lora_" in name)  # LoRA adapters, when enabled, are the LLM's only trainable part
-        self.bias_compensation.requires_grad_(self.config.use_bias_compensation and self.config.train_bias)
+        self.bias_compensation.requires_grad_(self.config.use_bias_compensation)
 
     def train(self, mode: bool = True) -> PotsaForSpeechTranslation:
         """Training mode for the connector only: the frozen encoder and LLM stay in eval mode (no dropout, no layer
@@ -325,16 +331,28 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
                 Also store the frozen encoder and LLM, for fully offline bundles (the tiny demo). Never use it for
                 a checkpoint on top of a 7B LLM that is on the Hub already.
         """
-        # config.json names the speech-translation pipeline, so `pipeline("translation", model=dir,
-        # trust_remote_code=True)` finds it (transformers copies pipeline_potsa.py, a relative import of this file).
-        self.config.custom_pipelines = custom_pipelines()
+        self.config.custom_pipelines = {task: dict(spec) for task, spec in CUSTOM_PIPELINES.items()}
         if not include_base_weights or self.config.base_weights_in_checkpoint:
-            return super().save_pretrained(save_directory, *args, **kwargs)
-        self.config.base_weights_in_checkpoint = True
-        try:
-            return super().save_pretrained(save_directory, *args, **kwargs)
-        finally:
-            self.config.base_weights_in_checkpoint = False
+            super().save_pretrained(save_directory, *args, **kwargs)
+        else:
+            self.config.base_weights_in_checkpoint = True
+            try:
+                super().save_pretrained(save_directory, *args, **kwargs)
+            finally:
+                self.config.base_weights_in_checkpoint = False
+        self._save_pipeline_code(save_directory)
+
+    @staticmethod
+    def _save_pipeline_code(save_directory: Any) -> None:
+        """config.json names the speech-translation pipeline (`custom_pipelines`), so that `pipeline("translation",
+        model=dir, trust_remote_code=True)` finds it: copy its file and the files it imports beside the model code
+        (the model itself does not import the pipeline)."""
+        pipeline_file = Path(__file__).with_name("pipeline_potsa.py")
+        if not pipeline_file.is_file():  # remote code loaded without its pipeline file: nothing to copy
+            logger.warning("pipeline_potsa.py is not beside this model's code; the saved folder lacks the pipeline.")
+            return
+        for source in (pipeline_file, *map(Path, get_relative_import_files(pipeline_file))):
+            shutil.copy(source, Path(save_directory) / source.name)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()

@@ -37,18 +37,11 @@ from transformers import Pipeline
 from .audio import SILENCE_PEAK, load_waveform
 from .bias_compensation import masked_time_mean
 
-TASK_NAMES = ("translation", "speech-translation")
 DEFAULT_MAX_NEW_TOKENS = 128  # the LLM's own default (max_length=20) would cut most translations short
 FRAME_SECONDS = 0.02  # energy frame of the pause search: Whisper's frame rate after its stride-2 convolution
 SEARCH_FRACTION = 0.2  # the cut is searched for in the last 20 % of each window
 # Written without spaces between words: window translations are concatenated as they are.
 UNSPACED_LANGUAGES = frozenset({"zh", "ja", "th", "lo", "km", "my", "bo"})
-
-
-def custom_pipelines() -> dict[str, dict[str, Any]]:
-    """The config.json `custom_pipelines` entry: both task names -> this pipeline, the model loaded by AutoModel."""
-    impl = f"{__name__.rsplit('.', 1)[-1]}.{PotsaSpeechTranslationPipeline.__name__}"
-    return {task: {"impl": impl, "pt": ["AutoModel"]} for task in TASK_NAMES}
 
 
 def split_at_pauses(waveform: torch.Tensor, window: int, frame: int) -> list[torch.Tensor]:
@@ -284,4 +277,4 @@ class PotsaSpeechTranslationPipeline(Pipeline):
         self.processor.save_pretrained(save_directory)
 
 
-__all__ = ["PotsaSpeechTranslationPipeline", "custom_pipelines", "join_translations", "split_at_pauses"]
+__all__ = ["PotsaSpeechTranslationPipeline", "join_translations", "split_at_pauses"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from modeling_potsa.tiny import build_tiny_potsa
+from potsa_training.tiny import build_tiny_potsa
 
 pytest_plugins = ["tests.tiny_runs"]  # `corpus` and `model_yaml`: the tiny training runs' data and base checkpoints
 

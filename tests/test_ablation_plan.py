@@ -11,7 +11,7 @@ import pytest
 
 from benchmarks import stage3_selection
 from benchmarks.ablation import BEYOND_ROWS, PAPER_LAMBDA, PAPER_ROWS, POTSA, STAGE2_ONLY, bind_to_checkpoint, plan
-from training.arguments import load_settings, parse_settings
+from potsa_training.arguments import load_settings, parse_settings
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = {**PAPER_ROWS, **BEYOND_ROWS}
@@ -19,17 +19,17 @@ ROWS = {**PAPER_ROWS, **BEYOND_ROWS}
 
 @pytest.mark.parametrize("name", [name for name in ROWS if name != STAGE2_ONLY])
 def test_every_row_is_a_valid_stage3_configuration(name, tiny_model):
-    """Each row's overrides parse as training settings and give a valid PotsaConfig on the tiny Q-Former depth."""
+    """Each row's overrides parse as training settings, valid for a model of the tiny Q-Former depth."""
     overrides = [f"{key}={value}" for key, value in ROWS[name].items()]
-    settings = load_settings(REPO / "training/configs/tiny_stage3_potsa.yaml", overrides)
-    _, data_args, _, model_overrides = parse_settings(settings)
+    settings = parse_settings(load_settings(REPO / "training/configs/tiny_stage3_potsa.yaml", overrides))
     config = copy.deepcopy(tiny_model.config)
     config.qformer_config.num_hidden_layers = 3  # training/configs/model_tiny.yaml
-    for key, value in model_overrides.items():
+    for key, value in settings.config_overrides.items():
         setattr(config, key, value)
     config._validate()
+    settings.alignment.check_model(config)
     if "zero_shot_protocol" in ROWS[name]:
-        assert data_args.zero_shot_protocol == "parallel_audio"
+        assert settings.data.zero_shot_protocol == "parallel_audio"
 
 
 def test_job_graph_starts_every_row_from_the_demo_stage2_and_fills_the_encoder_cache_once(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from modeling_potsa.optimal_transport import sinkhorn_divergence
-from training.alignment import ALIGNMENT_STRATEGIES, alignment_loss, find_parallel_pairs
+from potsa_training.alignment import ALIGNMENT_STRATEGIES, alignment_loss, find_parallel_pairs
 
 # Sentence s1 in en, fr, de and a second en recording; s2 in en, fr; s3 only in de; s4 twice in fr; s5 in fr, de.
 SENTENCES = ["s1", "s1", "s1", "s2", "s2", "s3", "s4", "s4", "s1", "s5", "s5"]

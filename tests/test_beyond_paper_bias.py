@@ -10,11 +10,24 @@ import pytest
 import torch
 
 from modeling_potsa import PotsaForSpeechTranslation
-from modeling_potsa.bias_compensation import LanguageBiasCompensation, LanguageBiasEstimator, masked_time_mean
-from modeling_potsa.tiny import build_tiny_potsa
+from modeling_potsa.bias_compensation import LanguageBiasCompensation, masked_time_mean
+from potsa_training.bias_estimation import (
+    LanguageBiasEstimate,
+    LanguageBiasEstimator,
+    apply_language_bias,
+    estimate_language_bias,
+)
+from potsa_training.collator import PotsaCollator
+from potsa_training.evaluation import (
+    _probe_split,
+    eval_batches,
+    evaluate_model,
+    language_id_probe,
+    language_probe_metrics,
+)
+from potsa_training.tiny import build_tiny_potsa
+
 from .test_data import _parallel_rows
-from training.data import LanguageBiasEstimate, PotsaCollator, apply_language_bias, estimate_language_bias
-from training.evaluation import _probe_split, eval_batches, evaluate_model, language_id_probe, language_probe_metrics
 
 LANGUAGES = ["a", "b", "c"]
 
@@ -230,5 +243,13 @@ def test_affine_checkpoints_round_trip_and_mean_checkpoints_load_as_identity(aff
 
 
 def test_scales_are_frozen_with_the_bias():
-    model, _ = build_tiny_potsa(languages=("es", "ja"), bias_compensation_mode="affine", train_bias=False)
+    """Training's `train_bias=False` freezes the table; scales added later (a "mean" model continued as affine) follow
+    the bias, frozen or not."""
+    model, _ = build_tiny_potsa(languages=("es", "ja"), bias_compensation_mode="affine")
+    assert model.bias_compensation.scale.requires_grad and model.bias_compensation.bias.requires_grad
+    model.bias_compensation.requires_grad_(False)
     assert not model.bias_compensation.scale.requires_grad and not model.bias_compensation.bias.requires_grad
+    mean_model, _ = build_tiny_potsa(languages=("es", "ja"))
+    mean_model.bias_compensation.requires_grad_(False)
+    mean_model.bias_compensation.enable_affine()
+    assert not mean_model.bias_compensation.scale.requires_grad

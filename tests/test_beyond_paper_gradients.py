@@ -7,20 +7,20 @@ import json
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback
 
-from training.alignment import alignment_loss
-from training.gradient_surgery import (
+from potsa_training.alignment import alignment_loss
+from potsa_training.gradient_surgery import (
+    SplitGradientStep,
     StepGradients,
     gradient_cosine,
     project_conflicting_gradient,
 )
-from training.trainer import METADATA_KEYS, PotsaTrainer
+from potsa_training.trainer import METADATA_KEYS, PotsaTrainer
 
 from .tiny_runs import REPO, losses, settings, train
 
@@ -106,12 +106,10 @@ def test_pcgrad_judges_the_conflict_on_the_step_sums_not_on_each_micro_batch():
 )  # fmt: skip
 def test_unsupported_setups_are_refused(setting, message):
     values = {"is_deepspeed_enabled": False, "is_fsdp_enabled": False, "n_gpu": 1, "fp16": False, **setting}
-    trainer = SimpleNamespace(
-        is_deepspeed_enabled=values["is_deepspeed_enabled"], is_fsdp_enabled=values["is_fsdp_enabled"],
-        args=SimpleNamespace(n_gpu=values["n_gpu"], fp16=values["fp16"]),
-    )  # fmt: skip
     with pytest.raises(ValueError, match=message):
-        PotsaTrainer._check_split_gradients_supported(trainer)
+        SplitGradientStep.check_supported(
+            values["is_deepspeed_enabled"], values["is_fsdp_enabled"], values["n_gpu"], values["fp16"]
+        )
 
 
 def test_split_gradients_without_surgery_give_the_normal_update(corpus, model_yaml, tmp_path):
@@ -205,11 +203,11 @@ def test_logged_cosines_and_applied_pcgrad_gradient_match_an_independent_computa
     outputs = model(**inputs, output_qformer_hidden_states=True, num_items_in_batch=captured["num_items"])
     names = list(captured["params"])
     params = [dict(model.named_parameters())[name] for name in names]
-    config = model.config
+    alignment = trainer.alignment_args
 
     def ot_at(layer: int) -> torch.Tensor:
-        return config.ot_loss_weight * alignment_loss(
-            outputs.qformer_hidden_states[layer], batch["ot_pairs"], config.ot_pair_strategy, blur=config.ot_blur
+        return alignment.ot_loss_weight * alignment_loss(
+            outputs.qformer_hidden_states[layer], batch["ot_pairs"], alignment.ot_pair_strategy, blur=alignment.ot_blur
         )
 
     def grad(loss: torch.Tensor, inputs: list[torch.Tensor]) -> list[torch.Tensor | None]:
@@ -242,7 +240,7 @@ def test_logged_cosines_and_applied_pcgrad_gradient_match_an_independent_computa
 DDP_SCRIPT = """
 import json, os, sys
 import torch
-from training.run import run
+from potsa_training.run import run
 trainer = run(sys.argv[1:])
 rank = int(os.environ["RANK"])
 logged = [{k: v for k, v in e.items() if k.startswith(("grad_cosine", "pcgrad", "ot_group"))}
@@ -264,7 +262,7 @@ def test_pcgrad_and_cosines_under_two_process_ddp(corpus, model_yaml, tmp_path):
                          ot_gradient_surgery="pcgrad", ot_gradient_cosine_every=1, ot_layer_groups=[[1], [1, 2, 3]])
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
                "--config", str(REPO / "training/configs/tiny_stage3_potsa.yaml"), *overrides]  # fmt: skip
-    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(command, check=True, env=environment, cwd=REPO, timeout=300)
     rank0, rank1 = (json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1))
     assert rank0["state"] == rank1["state"] and sum(rank0["state"]["pick_counts"]) == 6

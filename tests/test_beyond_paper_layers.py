@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from modeling_potsa import PotsaConfig
+from potsa_training.alignment import alignment_loss, find_parallel_pairs, weighted_alignment_loss
+from potsa_training.arguments import AlignmentArguments
+from potsa_training.layer_scheduler import arm_label
+from potsa_training.layer_scheduler_callback import build_layer_scheduler
+
 from .tiny_runs import train
-from training.alignment import alignment_loss, find_parallel_pairs, weighted_alignment_loss
-from training.layer_scheduler import UCBLayerScheduler, arm_label, build_layer_scheduler
-from training.trainer import build_scheduler_from_config
 
 GROUPS = [[1], [1, 2], [1, 2, 3]]
 
@@ -53,7 +55,7 @@ def test_ucb_over_groups_prefers_the_group_whose_loss_falls_fastest():
     arm = scheduler.select()
     assert scheduler.current_layers == tuple((layer, 1 / len(arm)) for layer in arm)
     with pytest.raises(RuntimeError, match="current_layers"):
-        scheduler.current_layer  # noqa: B018  (one layer would misreport a group)
+        scheduler.current_layer
 
 
 def test_single_layer_arms_keep_the_papers_interface():
@@ -61,19 +63,6 @@ def test_single_layer_arms_keep_the_papers_interface():
     assert scheduler.current_layer is None
     assert scheduler.select() == 2 and scheduler.current_layer == 2 and scheduler.current_layers == ((2, 1.0),)
     assert arm_label(2) == "layer_2" and arm_label((1, 2)) == "layers_1_2"
-
-
-def test_default_config_builds_the_papers_scheduler_unchanged():
-    scheduler = build_scheduler_from_config(PotsaConfig(), seed=0)
-    assert isinstance(scheduler, UCBLayerScheduler) and scheduler.arms == (1, 2, 3)
-    assert set(scheduler.config()) == {"name", "candidate_layers", "seed", "beta", "ema", "temperature_floor",
-                                       "temperature_decay", "eps"}  # fmt: skip
-    grouped = build_scheduler_from_config(
-        PotsaConfig(ot_candidate_layers=[1, 2, 3, 4], ot_layer_groups=[[1], [1, 2, 3, 4]],
-                    ot_layer_weights=[4.0, 1.0, 1.0, 2.0]),
-        seed=0,
-    )  # fmt: skip
-    assert grouped.arms == ((1,), (1, 2, 3, 4)) and grouped.arm_weights((1, 2, 3, 4))[0] == (1, 0.5)
 
 
 @pytest.mark.parametrize(
@@ -124,38 +113,38 @@ def test_invalid_weights_and_groups_raise(name, kwargs, message):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"ot_layer_weights": [1.0, 1.0]}, "3 `ot_candidate_layers`"),
+        ({"ot_layer_weights": [1.0, 1.0]}, "2 values for the candidate layers"),
         ({"ot_layer_scheduler": "all", "ot_layer_weights": [1.0, -0.5, 1.0]}, ">= 0"),
         ({"ot_layer_scheduler": "all", "ot_layer_weights": [0, 0, 0]}, "weight 0"),
         ({"ot_layer_weights": [1.0, 2.0, 3.0]}, "no\\s+effect"),
         ({"ot_layer_groups": [[1], []]}, "non-empty"),
-        ({"ot_layer_groups": [[1, 9]]}, "not in `ot_candidate_layers`"),
-        ({"ot_candidate_layers": [1, 9], "ot_layer_groups": [[1, 9]]}, "outside the Q-Former's layers 1..8"),
+        ({"ot_layer_groups": [[1, 9]]}, "not candidate layers"),
         ({"ot_layer_groups": [[2, 2]]}, "more than once"),
-        ({"ot_layer_groups": [[1, 2], [2, 1]]}, "duplicate groups"),
+        ({"ot_layer_groups": [[1, 2], [2, 1]]}, "same group twice"),
         ({"ot_layer_scheduler": "all", "ot_layer_groups": [[1, 2]]}, "every candidate layer"),
-        ({"ot_gradient_surgery": "mgda"}, "ot_gradient_surgery"),
-        ({"ot_gradient_cosine_every": -1}, "ot_gradient_cosine_every"),
-        ({"bias_compensation_mode": "whiten"}, "bias_compensation_mode"),
     ],
 )
-def test_config_rejects_bad_layer_selection_and_switches(kwargs, message):
+def test_stage_settings_reject_bad_layer_selection(kwargs, message):
+    """The stage settings are checked when they are parsed, by the scheduler they name: before any model loads."""
     with pytest.raises(ValueError, match=message):
-        PotsaConfig(**kwargs)
+        AlignmentArguments(**kwargs)
 
 
-def test_new_config_fields_round_trip_through_json(tmp_path):
-    config = PotsaConfig(ot_candidate_layers=[1, 2, 3, 4], ot_layer_groups=[[1, 2], [1, 2, 3, 4]],
-                         ot_layer_weights=[1.0, 1.0, 0.5, 0.5], ot_gradient_surgery="pcgrad",
-                         ot_gradient_cosine_every=50, bias_compensation_mode="affine")  # fmt: skip
-    config.save_pretrained(tmp_path)
-    loaded = PotsaConfig.from_pretrained(tmp_path)
-    assert loaded.ot_layer_groups == [[1, 2], [1, 2, 3, 4]] and loaded.ot_layer_weights == [1.0, 1.0, 0.5, 0.5]
-    assert (loaded.ot_gradient_surgery, loaded.ot_gradient_cosine_every) == ("pcgrad", 50)
-    assert loaded.bias_compensation_mode == "affine"
-    defaults = PotsaConfig()
+def test_groups_deeper_than_the_q_former_are_refused_for_the_model():
+    arguments = AlignmentArguments(ot_candidate_layers=[1, 9], ot_layer_groups=[[1, 9]])
+    with pytest.raises(ValueError, match="outside the Q-Former's layers 1..8"):
+        arguments.check_model(PotsaConfig())
+
+
+def test_layer_settings_are_recorded_as_json():
+    arguments = AlignmentArguments(ot_candidate_layers=[1, 2, 3, 4], ot_layer_groups=[[1, 2], [1, 2, 3, 4]],
+                                   ot_layer_weights=[1.0, 1.0, 0.5, 0.5], ot_gradient_surgery="pcgrad",
+                                   ot_gradient_cosine_every=50)  # fmt: skip
+    recorded = json.loads(json.dumps(arguments.to_dict()))
+    assert AlignmentArguments(**recorded) == arguments
+    defaults = AlignmentArguments()
     assert (defaults.ot_layer_weights, defaults.ot_layer_groups, defaults.ot_gradient_surgery) == (None, None, "none")
-    assert (defaults.ot_gradient_cosine_every, defaults.bias_compensation_mode) == (0, "mean")
+    assert defaults.ot_gradient_cosine_every == 0
 
 
 def test_weighted_alignment_loss_is_the_weighted_sum_of_layer_losses():

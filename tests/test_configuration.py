@@ -1,7 +1,10 @@
-"""PotsaConfig: the paper's defaults, self-validation, serialisation, and the real-size config built offline."""
+"""PotsaConfig: the paper's defaults, self-validation, serialisation, the real-size config built offline, and the
+training-only keys kept out of it (older checkpoints that still hold them load with a notice)."""
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,7 @@ import torch
 import yaml
 
 from modeling_potsa import PotsaConfig, PotsaForSpeechTranslation
+from modeling_potsa.configuration_potsa import TRAINING_ONLY_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,10 +24,28 @@ def test_defaults_are_the_papers():
     assert config.encoder_config.model_type == "whisper" and config.encoder_config.d_model == 1280
     assert config.text_config.model_type == "qwen2" and config.text_config.hidden_size == 3584
     assert config.qformer_config.encoder_hidden_size == 1280  # derived from the encoder width
-    assert (config.ot_loss_weight, config.ot_blur, config.ot_candidate_layers) == (10.0, 0.05, [1, 2, 3])
-    assert (config.ucb_beta, config.ucb_ema) == (1.0, 0.9)
-    assert (config.ucb_temperature_floor, config.ucb_temperature_decay) == (0.05, 0.999)
-    assert config.ot_pair_strategy == "random_pairwise" and not config.use_lora
+    assert config.use_bias_compensation and not config.use_lora
+
+
+def test_config_holds_no_training_settings():
+    """How a model is trained (OT, scheduler, pairing) is not part of what it is: config.json stays free of it."""
+    saved = PotsaConfig().to_dict()
+    assert not set(TRAINING_ONLY_KEYS) & set(saved)
+    assert not any(key.startswith(("ot_", "ucb_")) for key in saved)
+
+
+def test_old_config_with_training_keys_loads_and_ignores_them(tmp_path, caplog):
+    PotsaConfig(languages=["en", "ko"]).save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    old = {**json.loads(path.read_text()), "ot_loss_weight": 10.0, "ot_layer_groups": None, "ucb_beta": 1.0,
+           "train_bias": True}  # fmt: skip
+    path.write_text(json.dumps(old))
+    logging.getLogger("transformers").propagate = True
+    with caplog.at_level(logging.WARNING):
+        loaded = PotsaConfig.from_pretrained(tmp_path)
+    assert loaded.languages == ["en", "ko"] and not hasattr(loaded, "ot_loss_weight")
+    notices = [record.getMessage() for record in caplog.records if "training-only settings" in record.getMessage()]
+    assert len(notices) == 1 and "ot_layer_groups" in notices[0] and "\n" not in notices[0]
 
 
 @pytest.mark.parametrize(
@@ -32,16 +54,6 @@ def test_defaults_are_the_papers():
         ({"languages": ["en", "EN!"]}, "Invalid language code"),
         ({"languages": ["en", "en"]}, "duplicates"),
         ({"languages": []}, "at least one language"),
-        ({"ot_pair_strategy": "english_anchor", "anchor_language": "fr"}, "anchor_language"),
-        ({"ot_loss_weight": -1.0}, "lambda"),
-        ({"ot_blur": 0.0}, "ot_blur"),
-        ({"ot_candidate_layers": [9]}, "outside the Q-Former's layers 1..8"),
-        ({"ot_candidate_layers": [0]}, "outside"),
-        ({"ot_candidate_layers": []}, "at least one"),
-        ({"ot_layer_scheduler": "greedy"}, "ot_layer_scheduler"),
-        ({"ot_pair_strategy": "all"}, "ot_pair_strategy"),
-        ({"ucb_ema": 1.0}, "ucb_ema"),
-        ({"ucb_temperature_floor": 0.0}, "ucb_temperature_floor"),
         ({"num_query_tokens": 0}, "num_query_tokens"),
         ({"prompt_template": "no speech here {instruction}"}, "exactly once"),
         ({"prompt_template": "<|speech|> {language}"}, "instruction"),
@@ -62,10 +74,10 @@ def test_unknown_language_lookup_lists_supported():
 
 
 def test_json_round_trip_keeps_sub_configs(tmp_path):
-    config = PotsaConfig(languages=["en", "ko"], ot_candidate_layers=[1, 2], speech_token_id=151665)
+    config = PotsaConfig(languages=["en", "ko"], num_query_tokens=16, speech_token_id=151665)
     config.save_pretrained(tmp_path)
     loaded = PotsaConfig.from_pretrained(tmp_path)
-    assert loaded.languages == ["en", "ko"] and loaded.ot_candidate_layers == [1, 2]
+    assert loaded.languages == ["en", "ko"] and loaded.num_query_tokens == 16
     assert loaded.text_config.to_dict() == config.text_config.to_dict()
     assert loaded.encoder_config.d_model == 1280 and loaded.qformer_config.num_hidden_layers == 8
     assert loaded.speech_token_id == 151665

@@ -22,24 +22,21 @@ from torch.utils.data import DataLoader
 from benchmarks.corpus import FEATURES as CORPUS_FEATURES
 from modeling_potsa.bias_compensation import masked_time_mean
 from modeling_potsa.processing_potsa import IGNORE_INDEX
-from modeling_potsa.tiny import build_tiny_potsa
-from training.data import (
-    EncoderCache,
-    ParallelBatchSampler,
-    PotsaCollator,
-    apply_language_bias,
-    cache_encoder_outputs,
-    estimate_language_bias,
+from potsa_training.bias_estimation import apply_language_bias, estimate_language_bias
+from potsa_training.collator import PotsaCollator
+from potsa_training.encoder_cache import EncoderCache, cache_encoder_outputs, utterance_key
+from potsa_training.rows import row_waveform
+from potsa_training.sampler import ParallelBatchSampler
+from potsa_training.sources import (
     first_per_language,
     from_dataset,
     load_fleurs,
     load_manifest,
     load_source,
-    row_waveform,
     spread_sentences,
-    utterance_key,
-    validate_examples,
 )
+from potsa_training.tiny import build_tiny_potsa
+from potsa_training.validation import validate_examples
 
 from .conftest import SAMPLING_RATE, synthetic_audio
 

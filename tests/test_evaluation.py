@@ -8,7 +8,7 @@ import pytest
 import sacrebleu
 import torch
 
-from training.evaluation import (
+from potsa_training.evaluation import (
     EvaluationResult,
     Prediction,
     off_target,

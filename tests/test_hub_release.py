@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from examples import batch_translate, inference, make_tiny_checkpoint, plot_language_bias, push_to_hub
 from modeling_potsa import PotsaForSpeechTranslation, PotsaSpeechTranslationPipeline
-from training.evaluation import EvaluationResult, write_results
+from potsa_training.evaluation import EvaluationResult, write_results
 
 from .conftest import SAMPLING_RATE, synthetic_audio
 from .test_hub_loading import base_ids  # noqa: F401  (fixture: the tiny encoder and LLM as base checkpoints)

@@ -12,12 +12,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import Trainer, TrainingArguments
 
-from training.layer_scheduler import (
-    LayerScheduler,
-    LayerSchedulerCallback,
-    UCBLayerScheduler,
-    build_layer_scheduler,
-)
+from potsa_training.layer_scheduler import LayerScheduler
+from potsa_training.layer_scheduler_callback import LayerSchedulerCallback, build_layer_scheduler
+from potsa_training.ucb_scheduler import UCBLayerScheduler
 
 SCHEDULER_NAMES = ["ucb", "uniform", "round_robin", "fixed"]
 

@@ -26,8 +26,9 @@ from transformers import (
 
 from modeling_potsa import PotsaForSpeechTranslation, PotsaProcessor
 from modeling_potsa.speech_encoders import Wav2Vec2StyleEncoders, speech_encoder_family
-from modeling_potsa.tiny import build_tiny_potsa
-from training.data import PotsaCollator, cache_encoder_outputs
+from potsa_training.collator import PotsaCollator
+from potsa_training.encoder_cache import cache_encoder_outputs
+from potsa_training.tiny import build_tiny_potsa
 
 from .conftest import SAMPLING_RATE, synthetic_audio
 from .test_hub_loading import FRESH_PROCESS_SCRIPT

@@ -15,7 +15,8 @@ from transformers import pipeline
 
 from modeling_potsa import PotsaSpeechTranslationPipeline
 from modeling_potsa.bias_compensation import masked_time_mean
-from modeling_potsa.pipeline_potsa import TASK_NAMES, join_translations, split_at_pauses
+from modeling_potsa.configuration_potsa import PIPELINE_TASKS
+from modeling_potsa.pipeline_potsa import join_translations, split_at_pauses
 
 from .conftest import SAMPLING_RATE, synthetic_audio
 
@@ -64,7 +65,7 @@ def test_saving_names_the_pipeline_for_both_tasks(tiny, pipe, tmp_path):
     model.save_pretrained(tmp_path / "model")
     config = json.loads((tmp_path / "model/config.json").read_text())
     impl = {"impl": "pipeline_potsa.PotsaSpeechTranslationPipeline", "pt": ["AutoModel"]}
-    assert config["custom_pipelines"] == {task: impl for task in TASK_NAMES}
+    assert config["custom_pipelines"] == {task: impl for task in PIPELINE_TASKS}
     assert (tmp_path / "model/pipeline_potsa.py").is_file()
     pipe.save_pretrained(tmp_path / "pipe")  # the pipeline's own save also writes the processor
     saved = {path.name for path in (tmp_path / "pipe").iterdir()}

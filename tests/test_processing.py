@@ -108,7 +108,7 @@ def test_inputs_users_pass(tmp_path):
         (synthetic_audio(4.5), {"sampling_rate": 16000}, "longer than the encoder window of 4 s"),
         (np.full(2, 0.5, np.float32), {"sampling_rate": 48000}, "too short"),  # < 2 samples once at 16 kHz
         ({"array": synthetic_audio(1.0)}, {}, "Missing sampling rate"),
-        ({"array": synthetic_audio(1.0), "sampling_rate": 8000}, {"sampling_rate": 16000}, "Conflicting"),
+        ({"array": synthetic_audio(1.0), "sampling_rate": 8000}, {"sampling_rate": 16000}, "Wrong sampling rate.*8000 Hz.*16000 Hz"),
         ("/no/such/file.wav", {}, "not found"),
         ("object", {"sampling_rate": 16000}, "not found"),
     ],

@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from modeling_potsa import PotsaForSpeechTranslation, PotsaProcessor
-from training.arguments import load_settings
-from training.trainer import check_frozen
+from potsa_training.arguments import load_settings
+from potsa_training.run import run
+from potsa_training.trainer import check_frozen
 
 from .tiny_runs import REPO, losses, settings, train
 
@@ -81,31 +82,52 @@ def test_frozen_parts_are_enforced(tiny_model):
 
 DDP_SCRIPT = """
 import json, os, sys
-from training.run import run
+from potsa_training.run import run
 trainer = run(sys.argv[1:])
 rank = int(os.environ["RANK"])
 state = trainer.layer_callback.scheduler.state_dict()
+logged = [entry for entry in trainer.state.log_history if "loss" in entry]
 with open(os.path.join(trainer.args.output_dir, f"scheduler-rank{rank}.json"), "w") as f:
-    json.dump(state, f)
+    json.dump({"state": state, "logged": logged}, f)
 """
+
+
+def _assert_terms_add_up(logged: list[dict]) -> None:
+    """Every logged term is on the logged loss's scale: loss = ce + weighted_ot (the Trainer rounds loss to 4
+    digits)."""
+    assert logged
+    for entry in logged:
+        assert entry["loss"] == pytest.approx(entry["ce"] + entry["weighted_ot"], abs=1e-4), entry
 
 
 def test_two_process_cpu_ddp(corpus, model_yaml, tmp_path):
     """gloo DDP over 2 CPU processes (torchrun; accelerate's multi-CPU launcher needs mpirun): completes, both
-    ranks pick the same layers, one set of checkpoints."""
+    ranks pick the same layers, one set of checkpoints, and the logged terms add up to the logged loss, as on one
+    process (where each process's CE is a share of the global token count, an unscaled one would be half)."""
     out = tmp_path / "ddp"
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT)
+    lambda_10 = {"ot_loss_weight": 10.0, "eval_split": None}  # a visible OT term
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), "--config", str(REPO / "training/configs/tiny_stage3_potsa.yaml"),
-        *settings(corpus, model_yaml, out, per_device_train_batch_size=3, eval_split=None),
+        *settings(corpus, model_yaml, out, per_device_train_batch_size=3, **lambda_10),
     ]  # fmt: skip
-    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(command, check=True, env=environment, cwd=REPO, timeout=300)
-    states = [json.loads((out / f"scheduler-rank{rank}.json").read_text()) for rank in (0, 1)]
-    assert states[0] == states[1] and sum(states[0]["pick_counts"]) == 6
+    ranks = [json.loads((out / f"scheduler-rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranks[0]["state"] == ranks[1]["state"] and sum(ranks[0]["state"]["pick_counts"]) == 6
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
     assert not list(out.glob("checkpoint-*/scheduler-rank*"))
+    _assert_terms_add_up(ranks[0]["logged"])
+    assert ranks[0]["logged"] == ranks[1]["logged"]  # every process logs the same (reduced) terms
+    single = train(corpus, model_yaml, tmp_path / "single", per_device_train_batch_size=6, save_steps=100, **lambda_10)
+    _assert_terms_add_up([entry for entry in single.state.log_history if "loss" in entry])
+
+
+def test_a_missing_previous_stage_is_named_with_the_stage_that_makes_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # runs/tiny_stage2_s2tt does not exist here
+    with pytest.raises(ValueError, match=r"no such local checkpoint.*training/configs/tiny_stage2_s2tt.yaml"):
+        run(["--config", str(REPO / "training/configs/tiny_stage3_potsa.yaml"), "data_path=missing"])
 
 
 def test_settings_accept_yaml_floats_without_a_dot(tmp_path):

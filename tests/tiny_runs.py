@@ -11,8 +11,8 @@ import yaml
 from transformers import WhisperConfig, WhisperModel
 
 from benchmarks.corpus import generate_corpus
-from modeling_potsa.tiny import build_tiny_potsa
-from training.run import run
+from potsa_training.run import run
+from potsa_training.tiny import build_tiny_potsa
 
 REPO = Path(__file__).resolve().parents[1]
 LANGUAGES = ["en", "es", "ja", "de"]

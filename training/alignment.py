@@ -35,8 +35,10 @@ import torch
 
 from modeling_potsa.optimal_transport import sinkhorn_divergence
 
+from .rows import group_by_sentence
+
 ALIGNMENT_STRATEGIES = ("random_pairwise", "english_anchor", "english_anchor_frozen")
-_ANCHOR_STRATEGIES = ("english_anchor", "english_anchor_frozen")
+ANCHOR_STRATEGIES = ("english_anchor", "english_anchor_frozen")
 
 
 def _check_strategy(strategy: str) -> None:
@@ -114,11 +116,8 @@ def find_parallel_pairs(
         )
     if partners_per_utterance < 1:
         raise ValueError(f"partners_per_utterance must be >= 1; got {partners_per_utterance}.")
-    groups: dict[str, list[int]] = {}
-    for index, sentence_id in enumerate(sentence_ids):
-        groups.setdefault(sentence_id, []).append(index)
     pairs = []
-    for members in groups.values():
+    for members in group_by_sentence(sentence_ids):
         if strategy == "random_pairwise":
             pairs += _random_pairs(members, languages, partners_per_utterance, generator)
         else:
@@ -147,7 +146,7 @@ def _check_pairs(
                 f"Pair ({i}, {j}) joins two {languages[i]!r} utterances; pairs must differ in language "
                 "(build them with find_parallel_pairs)."
             )
-        if strategy in _ANCHOR_STRATEGIES and languages[j] != anchor_language:
+        if strategy in ANCHOR_STRATEGIES and languages[j] != anchor_language:
             raise ValueError(
                 f"Pair ({i}, {j}) has {languages[j]!r} second, but {strategy!r} needs the anchor language "
                 f"{anchor_language!r} second; write the pair as (other, anchor)."
@@ -231,4 +230,4 @@ def weighted_alignment_loss(
     )
 
 
-__all__ = ["ALIGNMENT_STRATEGIES", "alignment_loss", "find_parallel_pairs", "weighted_alignment_loss"]
+__all__ = ["ALIGNMENT_STRATEGIES", "ANCHOR_STRATEGIES", "alignment_loss", "find_parallel_pairs", "weighted_alignment_loss"]

@@ -1,8 +1,10 @@
-"""Arguments of `training/run.py`: one flat YAML file plus `key=value` overrides, parsed into three dataclasses.
+"""Arguments of `training/run.py`: one flat YAML file plus `key=value` overrides, parsed into four dataclasses.
 
-A key is routed by its name: `TrainingArguments` fields (learning_rate, ...), `ModelArguments` / `DataArguments`
-fields below, or any `PotsaConfig` field (ot_loss_weight, ot_candidate_layers, use_bias_compensation, ...), which
-updates the model config, so the checkpoint records how it was trained. An unknown key is an error, not ignored.
+A key is routed by its name: `TrainingArguments` fields (learning_rate, ...), the `ModelArguments`, `DataArguments`
+and `AlignmentArguments` fields below, or a `PotsaConfig` field (use_bias_compensation, num_query_tokens, ...), which
+updates the model config. The config holds what the model *is* (architecture and inference settings, Hub remote code);
+how it is *trained* (the OT term, its layer scheduler, pairing, gradient surgery) lives here, beside
+`TrainingArguments`, the way transformers keeps training knobs out of model configs. An unknown key is an error.
 """
 
 from __future__ import annotations
@@ -17,8 +19,12 @@ import yaml
 from transformers import HfArgumentParser, PreTrainedConfig, TrainingArguments
 
 from modeling_potsa import PotsaConfig
+from modeling_potsa.processing_potsa import TASKS
 
-TASKS = ("transcribe", "translate", "chain")
+from .alignment import ALIGNMENT_STRATEGIES, ANCHOR_STRATEGIES
+from .gradient_surgery import GRADIENT_SURGERY
+from .layer_scheduler import LayerScheduler
+from .layer_scheduler_callback import build_layer_scheduler
 
 
 @dataclass
@@ -35,6 +41,10 @@ class ModelArguments:
         metadata={"help": "A previous stage's checkpoint (its trainable parts, config and processor) to start from."},
     )
     model_dtype: str | None = field(default=None, metadata={"help": "dtype of the frozen encoder and LLM."})
+    train_bias: bool = field(
+        default=True,
+        metadata={"help": "Keep the bias table trainable after its estimate, as the paper's code does (False: frozen)."},
+    )
 
 
 @dataclass
@@ -43,7 +53,15 @@ class DataArguments:
     data_path: str = field(metadata={"help": "Directory, manifest file, or hub repo id of the data."})
     task: str = field(default="translate", metadata={"help": f"Training target, one of {TASKS}."})
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    eval_split: str | None = field(default="validation", metadata={"help": "Split to evaluate on (None: skip)."})
+    eval_split: str | None = field(
+        default="validation",
+        metadata={"help": "Split evaluated during training (`eval_strategy`); also the final report's when "
+                  "`test_split` is None. None: no evaluation set."},  # fmt: skip
+    )
+    test_split: str | None = field(
+        default=None,
+        metadata={"help": "Split of the final report, after training only (never used to choose anything)."},
+    )
     train_languages: list[str] | None = field(
         default=None, metadata={"help": "Languages trained with labels (default: the model's languages)."}
     )
@@ -56,6 +74,11 @@ class DataArguments:
             "help": "'strict' (paper): zero-shot audio is only used to estimate its bias vector; 'parallel_audio': "
             "its unlabeled training audio also joins the OT pairs."
         },
+    )
+    report_groups: dict[str, list[str]] = field(
+        default_factory=dict,
+        metadata={"help": "More named language groups to average in reports, beside 'seen' and 'zero_shot', e.g. "
+                  "{related: [it, pt], distant: [de, ko]}."},  # fmt: skip
     )
     pair_ratio: float = field(default=1.0, metadata={"help": "Share of sentences batched with their parallels."})
     max_train_samples: int | None = field(
@@ -84,6 +107,113 @@ class DataArguments:
             raise ValueError(f"`pair_ratio` must be in [0, 1], got {self.pair_ratio}.")
         if self.on_bad_data not in ("raise", "skip"):
             raise ValueError(f"`on_bad_data` must be 'raise' or 'skip', got {self.on_bad_data!r}.")
+
+
+@dataclass
+class AlignmentArguments:
+    """How training aligns parallel utterances: ``loss = CE + ot_loss_weight * OT`` at the Q-Former layer(s) a
+    scheduler picks each step, between pairs a strategy draws. Validated here once, at construction; what needs the
+    model (its Q-Former depth, its languages) is checked by `check_model`."""
+
+    ot_loss_weight: float = field(default=10.0, metadata={"help": "lambda in CE + lambda * OT (the paper: 10)."})
+    ot_blur: float = field(default=0.05, metadata={"help": "Sinkhorn blur; epsilon = blur ** 2 (the paper: 0.05)."})
+    ot_candidate_layers: list[int] = field(
+        default_factory=lambda: [1, 2, 3],
+        metadata={"help": "Q-Former layers (1-based block outputs) the scheduler may align (the paper: 1-3)."},
+    )
+    ot_layer_scheduler: str = field(
+        default="ucb",
+        metadata={
+            "help": "'ucb' (the paper), 'fixed', 'uniform', 'round_robin' (one arm per step: a layer, or a group of "
+            "ot_layer_groups) or 'all' (every candidate layer every step, weighted by ot_layer_weights)."
+        },
+    )
+    ot_layer_weights: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "Relative weights of ot_candidate_layers inside an arm of several layers (the 'all' scheduler or "
+            "ot_layer_groups), normalised over the arm so lambda keeps its meaning. None: equal."
+        },
+    )
+    ot_layer_groups: list[list[int]] | None = field(
+        default=None,
+        metadata={"help": "Arms made of several candidate layers, aligned together when picked. None: one per layer."},
+    )
+    ot_gradient_surgery: str = field(
+        default="none",
+        metadata={"help": "'pcgrad': project the OT gradient off the CE gradient when they conflict (see "
+                  "gradient_surgery.py)."},  # fmt: skip
+    )
+    ot_gradient_cosine_every: int = field(
+        default=0,
+        metadata={"help": "Every N optimizer steps, log the cosine between the CE and per-layer OT gradients. 0: never."},
+    )
+    ot_pair_strategy: str = field(
+        default="random_pairwise",
+        metadata={"help": f"How pairs are drawn, one of {ALIGNMENT_STRATEGIES} (the paper: random_pairwise)."},
+    )
+    anchor_language: str = field(default="en", metadata={"help": "Anchor of the English-anchor strategies."})
+    ucb_beta: float = field(default=1.0, metadata={"help": "UCB exploration weight."})
+    ucb_ema: float = field(default=0.9, metadata={"help": "Weight of the old value in UCB's reward EMA."})
+    ucb_temperature_floor: float = field(default=0.05, metadata={"help": "Lowest UCB softmax temperature."})
+    ucb_temperature_decay: float = field(
+        default=0.999, metadata={"help": "UCB softmax temperature at step t: max(floor, decay ** t)."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.ot_loss_weight < 0:
+            raise ValueError(f"`ot_loss_weight` (lambda) must be >= 0, got {self.ot_loss_weight}.")
+        if self.ot_blur <= 0:
+            raise ValueError(f"`ot_blur` must be > 0, got {self.ot_blur}.")
+        if self.ot_pair_strategy not in ALIGNMENT_STRATEGIES:
+            raise ValueError(f"`ot_pair_strategy` must be one of {ALIGNMENT_STRATEGIES}, got {self.ot_pair_strategy!r}.")
+        if self.ot_gradient_surgery not in GRADIENT_SURGERY:
+            raise ValueError(
+                f"`ot_gradient_surgery` must be one of {GRADIENT_SURGERY}, got {self.ot_gradient_surgery!r}."
+            )
+        every = self.ot_gradient_cosine_every
+        if isinstance(every, bool) or not (isinstance(every, int) and every >= 0):
+            raise ValueError(f"`ot_gradient_cosine_every` must be an integer >= 0 (0 = off), got {every!r}.")
+        self.layer_scheduler(seed=0)  # the scheduler checks its layers, weights, groups and hyper-parameters
+
+    @property
+    def enabled(self) -> bool:
+        """Whether training has an OT term at all (stages 1-2 set lambda to 0)."""
+        return self.ot_loss_weight > 0
+
+    def layer_scheduler(self, seed: int) -> LayerScheduler:
+        """The scheduler these arguments name, seeded (use the same seed on every rank)."""
+        ucb = {
+            "beta": self.ucb_beta,
+            "ema": self.ucb_ema,
+            "temperature_floor": self.ucb_temperature_floor,
+            "temperature_decay": self.ucb_temperature_decay,
+        }
+        return build_layer_scheduler(
+            self.ot_layer_scheduler,
+            self.ot_candidate_layers,
+            seed=seed,
+            layer_weights=self.ot_layer_weights,
+            groups=self.ot_layer_groups,
+            **(ucb if self.ot_layer_scheduler == "ucb" else {}),
+        )
+
+    def check_model(self, config: PotsaConfig) -> None:
+        """Refuse settings this model cannot train with: layers it lacks, an anchor language it does not know."""
+        if not self.enabled:
+            return
+        outside = [layer for layer in self.ot_candidate_layers if layer > config.num_qformer_layers]
+        if outside:
+            raise ValueError(
+                f"OT candidate layers {outside} are outside the Q-Former's layers 1..{config.num_qformer_layers}."
+            )
+        if self.ot_pair_strategy in ANCHOR_STRATEGIES and self.anchor_language not in config.languages:
+            raise ValueError(f"`anchor_language` {self.anchor_language!r} is not in the model's languages "
+                             f"{config.languages}.")  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON values, for results.json and the model card."""
+        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -132,23 +262,40 @@ def load_settings(config_path: str | Path | None, overrides: list[str]) -> dict[
     return {key: _numbers(value) for key, value in settings.items()}
 
 
-def parse_settings(
-    settings: dict[str, Any],
-) -> tuple[ModelArguments, DataArguments, PotsaTrainingArguments, dict[str, Any]]:
+@dataclass
+class Settings:
+    """Everything one stage run is told, parsed and validated."""
+
+    model: ModelArguments
+    data: DataArguments
+    alignment: AlignmentArguments
+    training: PotsaTrainingArguments
+    config_overrides: dict[str, Any]
+
+
+_ARGUMENT_CLASSES = (ModelArguments, DataArguments, AlignmentArguments, PotsaTrainingArguments)
+
+
+def parse_settings(settings: dict[str, Any]) -> Settings:
     """Route every key to its dataclass or to the model-config overrides; unknown keys raise."""
     inherited = {f.name for f in dataclasses.fields(PreTrainedConfig)}
     model_config_fields = {f.name for f in dataclasses.fields(PotsaConfig)} - inherited
-    argument_fields = {
-        f.name for cls in (ModelArguments, DataArguments, PotsaTrainingArguments) for f in dataclasses.fields(cls)
-    }
+    argument_fields = {f.name for cls in _ARGUMENT_CLASSES for f in dataclasses.fields(cls)}
     model_overrides = {k: v for k, v in settings.items() if k in model_config_fields and k not in argument_fields}
     unknown = sorted(set(settings) - argument_fields - model_config_fields)
     if unknown:
-        raise ValueError(f"Unknown settings {unknown}: not a training, data, model or PotsaConfig field.")
+        raise ValueError(f"Unknown settings {unknown}: not a training, data, alignment, model or PotsaConfig field.")
     arguments = {k: v for k, v in settings.items() if k not in model_overrides}
-    parser = HfArgumentParser((ModelArguments, DataArguments, PotsaTrainingArguments))
-    model_args, data_args, training_args = parser.parse_dict(arguments)
-    return model_args, data_args, training_args, model_overrides
+    model_args, data_args, alignment_args, training_args = HfArgumentParser(_ARGUMENT_CLASSES).parse_dict(arguments)
+    return Settings(model_args, data_args, alignment_args, training_args, model_overrides)
 
 
-__all__ = ["DataArguments", "ModelArguments", "PotsaTrainingArguments", "load_settings", "parse_settings"]
+__all__ = [
+    "AlignmentArguments",
+    "DataArguments",
+    "ModelArguments",
+    "PotsaTrainingArguments",
+    "Settings",
+    "load_settings",
+    "parse_settings",
+]

@@ -124,7 +124,7 @@ def one_minus_jsd(pooled: torch.Tensor, sentence_ids: Sequence[str], languages: 
         p = distributions[[a for a, _ in index_pairs]]
         q = distributions[[b for _, b in index_pairs]]
         m = 0.5 * (p + q)
-        kl = lambda x, y: (x * (x.clamp_min(1e-12).log() - y.clamp_min(1e-12).log())).sum(-1)  # noqa: E731
+        kl = lambda x, y: (x * (x.clamp_min(1e-12).log() - y.clamp_min(1e-12).log())).sum(-1)
         divergences.append((0.5 * kl(p, m) + 0.5 * kl(q, m)) / math.log(2))
     if not divergences:
         return None
@@ -316,14 +316,18 @@ def evaluate_model(
     return EvaluationResult(per_language, group_scores, alignment, predictions)
 
 
-def write_results(result: EvaluationResult, out_dir: str | Path, title: str = "Evaluation") -> Path:
-    """results.json (scores + predictions) and results.md (a per-language table) in `out_dir`."""
+def write_results(
+    result: EvaluationResult, out_dir: str | Path, title: str = "Evaluation", settings: Mapping[str, Any] | None = None
+) -> Path:
+    """results.json (scores + predictions, and the run's `settings`: how it was trained, for the model card) and
+    results.md (a per-language table) in `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {
         "per_language": result.per_language,
         "groups": result.groups,
         "alignment": result.alignment,
+        **({"settings": dict(settings)} if settings else {}),
         "predictions": [vars(p) for p in result.predictions],
     }
     (out_dir / "results.json").write_text(json.dumps(payload, ensure_ascii=False, indent=2))

@@ -7,7 +7,8 @@ Stages (the paper's recipe; each starts from the previous stage's checkpoint thr
 1. ASR pretraining (`task: transcribe`), 2. S2TT training (`task: translate`), 3. multilingual POTSA fine-tuning
 (`task: translate`, bias compensation estimated first, OT loss with the UCB layer scheduler).
 Resume an interrupted run with `resume_from_checkpoint=<output_dir>/checkpoint-N` (or `true` for the latest):
-optimizer, scheduler, RNG and the UCB state come back.
+optimizer, scheduler, RNG and the UCB state come back. Needs the training library installed (`pip install -e .`
+in a clone installs it as `potsa_training`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import sys
+import os
 from pathlib import Path
 from typing import Any
 
@@ -24,33 +25,50 @@ import yaml
 from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python training/run.py` from a clone
-
-from modeling_potsa import PotsaConfig, PotsaForSpeechTranslation, PotsaProcessor  # noqa: E402
-from modeling_potsa.tiny import build_tiny_potsa  # noqa: E402
-from training.arguments import DataArguments, ModelArguments, load_settings, parse_settings  # noqa: E402
-from training.data import (  # noqa: E402
-    PotsaCollator,
-    apply_language_bias,
-    cache_encoder_outputs,
-    estimate_language_bias,
-    first_per_language,
-    spread_sentences,
-    load_source,
-    select_languages,
-    validate_examples,
-)
-from training.evaluation import eval_batches, evaluate_model, write_results  # noqa: E402
-from training.trainer import PotsaTrainer  # noqa: E402
+from modeling_potsa import PotsaConfig, PotsaForSpeechTranslation, PotsaProcessor
+from potsa_training.arguments import DataArguments, ModelArguments, Settings, load_settings, parse_settings
+from potsa_training.bias_estimation import apply_language_bias, estimate_language_bias
+from potsa_training.collator import PotsaCollator
+from potsa_training.encoder_cache import cache_encoder_outputs
+from potsa_training.evaluation import eval_batches, evaluate_model, write_results
+from potsa_training.sources import first_per_language, load_source, select_languages, spread_sentences
+from potsa_training.tiny import build_tiny_potsa
+from potsa_training.trainer import PotsaTrainer
+from potsa_training.validation import validate_examples
 
 logger = logging.getLogger("potsa.run")
+CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def stage_that_writes(checkpoint: str) -> str | None:
+    """The stage config under training/configs whose `output_dir` is `checkpoint`, if one is."""
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        settings = yaml.safe_load(path.read_text()) or {}
+        if isinstance(settings, dict) and str(settings.get("output_dir", "")).rstrip("/") == checkpoint.rstrip("/"):
+            return str(path.relative_to(CONFIGS.parents[1]))
+    return None
+
+
+def load_checkpoint(checkpoint: str, dtype: str | None) -> tuple[PotsaForSpeechTranslation, PotsaProcessor]:
+    """A previous stage's checkpoint; a folder that does not exist (yet) is named as such, with the stage that
+    makes it, instead of surfacing as a failed Hub download."""
+    try:
+        return PotsaForSpeechTranslation.from_pretrained(checkpoint, dtype=dtype), PotsaProcessor.from_pretrained(checkpoint)
+    except OSError as error:
+        if os.path.isdir(checkpoint):
+            raise
+        stage = stage_that_writes(checkpoint)
+        made_by = f" It is made by `python training/run.py --config {stage}`: run that stage first." if stage else ""
+        raise ValueError(
+            f"`init_from` {checkpoint!r}: no such local checkpoint folder, and no Hub repo could be loaded under that "
+            f"name ({type(error).__name__}).{made_by}"
+        ) from error
 
 
 def load_model(model_args: ModelArguments, overrides: dict[str, Any], languages: list[str] | None):
     """1. The model and processor: a previous stage's checkpoint, base models from a config file, or tiny."""
     if model_args.init_from:
-        model = PotsaForSpeechTranslation.from_pretrained(model_args.init_from, dtype=model_args.model_dtype)
-        processor = PotsaProcessor.from_pretrained(model_args.init_from)
+        model, processor = load_checkpoint(model_args.init_from, model_args.model_dtype)
     elif not model_args.model_config:
         raise ValueError("Set `model_config` (a PotsaConfig YAML, or 'tiny') or `init_from` (a checkpoint).")
     elif model_args.model_config == "tiny":
@@ -65,11 +83,13 @@ def load_model(model_args: ModelArguments, overrides: dict[str, Any], languages:
         setattr(model.config, key, value)
     model.config._validate()
     model.freeze_base_models()
+    model.bias_compensation.requires_grad_(model.config.use_bias_compensation and model_args.train_bias)
     return model, processor
 
 
-def prepare_data(data_args: DataArguments, model: Any, processor: Any) -> tuple[Any, Any, dict[str, list[str]]]:
-    """2. Train / eval sets with the zero-shot protocol applied, validated, and the language groups to report."""
+def prepare_data(data_args: DataArguments, model: Any, processor: Any) -> tuple[Any, dict[str, Any], dict]:
+    """2. The train set with the zero-shot protocol applied, the evaluation sets (per-epoch `eval_split`, final
+    `test_split`), all validated, and the language groups to report."""
     zero_shot = list(data_args.zero_shot_languages)
     seen = data_args.train_languages or [code for code in model.config.languages if code not in zero_shot]
     load = functools.partial(load_source, data_args.data_source, data_args.data_path)
@@ -83,13 +103,15 @@ def prepare_data(data_args: DataArguments, model: Any, processor: Any) -> tuple[
         train = spread_sentences(train, data_args.max_train_samples)
     train, report = validate_examples(train, model.config.languages, processor, on_bad_data=data_args.on_bad_data)
     logger.info("training data: %d utterances; %s", len(train), report)
-    evaluation = None
-    if data_args.eval_split:
-        evaluation = select_languages(load(split=data_args.eval_split), seen + zero_shot)
-        if data_args.max_eval_samples:
-            evaluation = spread_sentences(evaluation, data_args.max_eval_samples)
-        evaluation, _ = validate_examples(evaluation, model.config.languages, processor, data_args.on_bad_data)
-    return train, evaluation, {"seen": seen, "zero_shot": zero_shot}
+    evaluation = {}
+    for role, split in (("eval", data_args.eval_split), ("test", data_args.test_split)):
+        if split:
+            dataset = select_languages(load(split=split), seen + zero_shot)
+            if data_args.max_eval_samples:
+                dataset = spread_sentences(dataset, data_args.max_eval_samples)
+            evaluation[role] = validate_examples(dataset, model.config.languages, processor, data_args.on_bad_data)[0]
+    groups = {"seen": seen, "zero_shot": zero_shot, **data_args.report_groups}
+    return train, evaluation, groups
 
 
 def bias_audio(data_args: DataArguments, model: Any, processor: Any) -> Any:
@@ -108,19 +130,21 @@ def run(argv: list[str] | None = None) -> PotsaTrainer:
     parser.add_argument("--config", required=True, help="stage YAML (see training/configs/)")
     parser.add_argument("overrides", nargs="*", help="key=value settings that replace the YAML's")
     cli = parser.parse_args(argv)
-    model_args, data_args, training_args, overrides = parse_settings(load_settings(cli.config, cli.overrides))
+    settings: Settings = parse_settings(load_settings(cli.config, cli.overrides))
+    model_args, data_args, training_args = settings.model, settings.data, settings.training
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     set_seed(training_args.seed)
 
-    model, processor = load_model(model_args, overrides, data_args.train_languages)
+    model, processor = load_model(model_args, settings.config_overrides, data_args.train_languages)
+    settings.alignment.check_model(model.config)
     with training_args.main_process_first(desc="data preparation and encoder cache"):
         train, evaluation, groups = prepare_data(data_args, model, processor)
         audio_for_bias = bias_audio(data_args, model, processor) if data_args.estimate_bias else None
         # 3. Optional encoder-output cache: the encoder is frozen, so its outputs are computed once (one directory
         # serves every split and later runs; only missing utterances are encoded).
         cache = None
-        for dataset in (train, evaluation, audio_for_bias) if data_args.encoder_cache_dir else ():
+        for dataset in (train, *evaluation.values(), audio_for_bias) if data_args.encoder_cache_dir else ():
             if dataset is not None:
                 cache = cache_encoder_outputs(model, dataset, processor, data_args.encoder_cache_dir)
 
@@ -132,22 +156,23 @@ def run(argv: list[str] | None = None) -> PotsaTrainer:
         apply_language_bias(model, biases, processor)
     if cache is not None:  # rows then carry a cache key instead of audio
         train = cache.keyed_dataset(train)
-        evaluation = cache.keyed_dataset(evaluation) if evaluation is not None else None
+        evaluation = {role: cache.keyed_dataset(dataset) for role, dataset in evaluation.items()}
     collator = PotsaCollator(processor, task=data_args.task, encoder_cache=cache)
 
     trainer = PotsaTrainer(
         model=model,
         args=training_args,
         train_dataset=train,
-        eval_dataset=evaluation,
+        eval_dataset=evaluation.get("eval"),
         data_collator=collator,
         processing_class=processor,
+        alignment_args=settings.alignment,
         pair_ratio=data_args.pair_ratio,
         eval_groups=groups,
         eval_task=data_args.task,
         generation_kwargs=training_args.generation_kwargs(),
     )
-    # 5. Train (resumable), save the trainable parts + processor + code, evaluate.
+    # 5. Train (resumable), save the trainable parts + processor + code, and report on the final split.
     resume = training_args.resume_from_checkpoint
     if resume in ("true", "True", True):
         resume = get_last_checkpoint(training_args.output_dir)
@@ -156,13 +181,13 @@ def run(argv: list[str] | None = None) -> PotsaTrainer:
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()
-    if evaluation is not None and trainer.is_world_process_zero():
-        evaluated = evaluate_model(
-            model, processor, eval_batches(evaluation, collator, training_args.per_device_eval_batch_size,
-                                           data_args.task),
-            groups, data_args.task, **training_args.generation_kwargs(),
-        )  # fmt: skip
-        table = write_results(evaluated, training_args.output_dir, title=f"{Path(cli.config).stem} evaluation")
+    final = evaluation.get("test", evaluation.get("eval"))
+    if final is not None and trainer.is_world_process_zero():
+        batches = eval_batches(final, collator, training_args.per_device_eval_batch_size, data_args.task)
+        evaluated = evaluate_model(model, processor, batches, groups, data_args.task, **training_args.generation_kwargs())
+        split = data_args.test_split or data_args.eval_split
+        recorded = {"split": split, "alignment": settings.alignment.to_dict()}
+        table = write_results(evaluated, training_args.output_dir, f"{Path(cli.config).stem} on {split}", recorded)
         trainer.save_metrics("eval", evaluated.flat_metrics("eval_"))
         logger.info("results: %s\n%s", table, table.read_text())
     return trainer

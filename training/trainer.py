@@ -11,26 +11,19 @@ Scaling, so that gradient accumulation and data parallelism give the update of o
   resumed run draws the same pairs).
 Both terms are therefore already scaled for accumulation (`loss_is_scaled_for_ga = True`).
 
-Layers: the scheduler's ``current_layers`` are ``(layer, weight)`` pairs (one layer of weight 1 in the paper's
-setting; a group or a fixed set of layers otherwise, see `training/layer_scheduler.py`), and the OT term is their
-weighted sum.
+Logged terms are on the logged loss's scale for any number of processes: the Trainer logs the mean over processes
+of each process's loss, so ``ce`` and ``weighted_ot`` are the same means of each process's terms, and
+``loss = ce + weighted_ot`` holds (``ot`` is the unweighted OT loss, averaged over the steps that had pairs).
 
-Gradient surgery (``config.ot_gradient_surgery = "pcgrad"``) and gradient diagnostics
-(``config.ot_gradient_cosine_every``) need the CE and OT gradients apart. On such a step every micro-batch takes
-them with `torch.autograd.grad` on the trainable parameters and adds them to per-step sums (two extra copies of the
-trainable parameters' gradients), so that both act on the *step's* gradients, as the optimizer does: gradient
-accumulation stays equivalent to one large batch. On the step's last micro-batch the sums are averaged over
-processes (under DDP every rank then holds the global step gradients, and DDP's own averaging of identical
-gradients changes nothing), measured, projected, and handed to the Trainer's normal backward as the gradient of a
-surrogate ``sum_p <p, g_p>`` whose value is zero: clipping, DDP reduction and the optimizer step run unchanged, and
-the reported loss is the true one. DeepSpeed, FSDP (sharded parameters), DataParallel and fp16 loss scaling are
-refused: `torch.autograd.grad` would see shards, replicas or unscaled fp16 gradients.
+Layers: the scheduler's ``current_layers`` are ``(layer, weight)`` pairs (one layer of weight 1 in the paper's
+setting; a group or a fixed set of layers otherwise, see `layer_scheduler.py`), and the OT term is their weighted
+sum. Gradient surgery and CE/OT gradient cosines are `gradient_surgery.SplitGradientStep`'s.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,15 +33,13 @@ from torch.utils.data import DataLoader
 from transformers import Trainer
 
 from .alignment import alignment_loss, find_parallel_pairs, weighted_alignment_loss
-from .data import ParallelBatchSampler
+from .arguments import AlignmentArguments
+from .distributed import all_reduce_sum
 from .evaluation import eval_batches, evaluate_model, write_results
-from .gradient_surgery import Gradients, StepGradients, gradient_cosine
-from .layer_scheduler import (
-    LayerScheduler,
-    LayerSchedulerCallback,
-    arm_label,
-    build_layer_scheduler,
-)
+from .gradient_surgery import SplitGradientStep
+from .layer_scheduler import LayerScheduler, arm_label
+from .layer_scheduler_callback import LayerSchedulerCallback
+from .sampler import ParallelBatchSampler
 
 logger = logging.getLogger(__name__)
 
@@ -70,24 +61,37 @@ def check_frozen(model: torch.nn.Module) -> None:
         )
 
 
-def build_scheduler_from_config(config: Any, seed: int) -> LayerScheduler:
-    """The layer scheduler named in the model config, with the paper's UCB hyper-parameters."""
-    ucb = {
-        "beta": config.ucb_beta,
-        "ema": config.ucb_ema,
-        "temperature_floor": config.ucb_temperature_floor,
-        "temperature_decay": config.ucb_temperature_decay,
-    }
-    extra = ucb if config.ot_layer_scheduler == "ucb" else {}
-    arms = {"layer_weights": config.ot_layer_weights, "groups": config.ot_layer_groups}
-    return build_layer_scheduler(config.ot_layer_scheduler, config.ot_candidate_layers, seed=seed, **arms, **extra)
+class RunningTerms:
+    """Sums of logged loss terms since the last log, and the counts they are averaged over, reduced over processes
+    when read (every process must read them together, as the Trainer's logging step does)."""
+
+    def __init__(self) -> None:
+        self.sums: Counter[str] = Counter()
+        self.counts: Counter[str] = Counter()
+
+    def add(self, name: str, value: float) -> None:
+        self.sums[name] += value
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counts[name] += n
+
+    def pop_means(self, denominators: Mapping[str, str]) -> dict[str, float]:
+        """``{term: global sum / global count}`` for each ``term -> count name`` in ``denominators``, then reset."""
+        names = sorted(set(denominators) | set(denominators.values()))
+        values = [self.sums[name] if name in denominators else self.counts[name] for name in names]
+        totals = dict(zip(names, all_reduce_sum(torch.tensor(values, dtype=torch.float64)).tolist()))
+        self.sums.clear()
+        self.counts.clear()
+        return {term: totals[term] / totals[count] for term, count in denominators.items() if totals[count]}
 
 
 class PotsaTrainer(Trainer):
-    """`Trainer` + POTSA's OT loss, logged per term, with a UCB layer scheduler callback.
+    """`Trainer` + POTSA's OT loss, logged per term, with a layer scheduler callback.
 
     Args:
-        layer_scheduler (`LayerScheduler`, *optional*): overrides the scheduler named in the model config.
+        alignment_args (`AlignmentArguments`, *optional*): the OT term's settings (lambda, blur, layers, scheduler,
+            pairing, gradient surgery); defaults to the paper's.
+        layer_scheduler (`LayerScheduler`, *optional*): overrides the scheduler `alignment_args` name.
         pair_ratio (`float`, *optional*, defaults to 1.0): share of sentences whose parallel utterances are batched
             together (see `ParallelBatchSampler`).
         eval_groups (`Mapping[str, Iterable[str]]`, *optional*): named language groups averaged in evaluation,
@@ -104,6 +108,7 @@ class PotsaTrainer(Trainer):
     def __init__(
         self,
         *args: Any,
+        alignment_args: AlignmentArguments | None = None,
         layer_scheduler: LayerScheduler | None = None,
         pair_ratio: float = 1.0,
         eval_groups: Mapping[str, Iterable[str]] | None = None,
@@ -116,40 +121,24 @@ class PotsaTrainer(Trainer):
         if self.args.remove_unused_columns:
             raise ValueError("PotsaTrainer needs `remove_unused_columns=False` (batches carry sentence ids).")
         check_frozen(self.model)
+        self.alignment_args = alignment_args or AlignmentArguments()
+        self.alignment_args.check_model(self.model.config)
         self.pair_ratio = pair_ratio
         self.eval_groups = dict(eval_groups or {})
         self.eval_task = eval_task
         self.generation_kwargs = dict(generation_kwargs or {})
-        config = self.model.config
-        self.ot_enabled = config.ot_loss_weight > 0
-        if self.ot_enabled:
-            scheduler = layer_scheduler or build_scheduler_from_config(config, seed=self.args.seed)
-            self.add_callback(LayerSchedulerCallback(scheduler))
         self.language_probe = language_probe
-        self.pcgrad = self.ot_enabled and config.ot_gradient_surgery == "pcgrad"
-        self.cosine_every = config.ot_gradient_cosine_every if self.ot_enabled else 0
-        if self.pcgrad or self.cosine_every:
-            self._check_split_gradients_supported()
+        self.ot_enabled = self.alignment_args.enabled
+        if self.ot_enabled:
+            self.add_callback(LayerSchedulerCallback(layer_scheduler or self.alignment_args.layer_scheduler(self.args.seed)))
+        surgery = self.alignment_args.ot_gradient_surgery == "pcgrad"
+        cosine_every = self.alignment_args.ot_gradient_cosine_every
+        self.split_gradients = SplitGradientStep(self.ot_enabled and surgery, cosine_every if self.ot_enabled else 0)
+        if self.split_gradients.needed:
+            SplitGradientStep.check_supported(self.is_deepspeed_enabled, self.is_fsdp_enabled, self.args.n_gpu,
+                                              self.args.fp16)  # fmt: skip
         self._pairs_in_step = 0
-        self._running = {"ce": 0.0, "ot": 0.0, "ot_steps": 0.0, "steps": 0.0, "pcgrad_projected": 0.0}
-        self._split_step = self._measure_step = False  # this step takes CE and OT gradients apart / measures them
-        self._micro_batches_left = 0
-        self._step_gradients = StepGradients()
-        self._cosines: dict[str, list[float]] = defaultdict(list)
-
-    def _check_split_gradients_supported(self) -> None:
-        unsupported = {
-            "DeepSpeed": self.is_deepspeed_enabled,
-            "FSDP": self.is_fsdp_enabled,
-            "DataParallel (several GPUs in one process; launch one process per GPU)": self.args.n_gpu > 1,
-            "fp16 loss scaling (use bf16 or fp32)": self.args.fp16,
-        }
-        found = [name for name, enabled in unsupported.items() if enabled]
-        if found:
-            raise ValueError(
-                f"`ot_gradient_surgery` / `ot_gradient_cosine_every` take per-loss gradients with torch.autograd.grad, "
-                f"which does not work with {', '.join(found)}. Turn them off ('none' / 0) or train with plain DDP."
-            )
+        self._terms = RunningTerms()
 
     # ------------------------------------------------------------------------------------------------------ data
     @property
@@ -181,25 +170,29 @@ class PotsaTrainer(Trainer):
         """Prefetch the step's micro-batches and draw their OT pairs, seeded by the step (resume-safe)."""
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         if self.ot_enabled:
-            config = self.model.config
+            alignment = self.alignment_args
             for index, batch in enumerate(batch_samples):
                 generator = torch.Generator().manual_seed(
                     hash((self.args.seed, self.args.process_index, self.state.global_step, index)) % 2**63
                 )
                 batch["ot_pairs"] = find_parallel_pairs(
-                    batch["sentence_ids"], batch["languages"], config.ot_pair_strategy,
-                    anchor_language=config.anchor_language, generator=generator,
+                    batch["sentence_ids"], batch["languages"], alignment.ot_pair_strategy,
+                    anchor_language=alignment.anchor_language, generator=generator,
                 )  # fmt: skip
             self._pairs_in_step = sum(len(batch["ot_pairs"]) for batch in batch_samples)
-            self._running["ot_steps"] += 1 if self._pairs_in_step else 0
-        step = self.state.global_step + 1  # the optimizer step these micro-batches make
-        self._measure_step = bool(self.cosine_every) and step % self.cosine_every == 0
-        self._split_step = self.pcgrad or self._measure_step
-        self._micro_batches_left = len(batch_samples)
-        self._running["steps"] += 1
+            self._terms.count("ot_steps", 1 if self._pairs_in_step else 0)
+        self.split_gradients.begin_step(self.state.global_step + 1, len(batch_samples))
+        self._terms.count("steps")
         return batch_samples, num_items_in_batch
 
     # ------------------------------------------------------------------------------------------------------ loss
+    def _alignment_kwargs(self, pairs: Sequence[tuple[int, int]], languages: Sequence[str]) -> dict[str, Any]:
+        alignment = self.alignment_args
+        return {
+            "pairs": pairs, "strategy": alignment.ot_pair_strategy, "languages": languages,
+            "anchor_language": alignment.anchor_language, "blur": alignment.ot_blur,
+        }  # fmt: skip
+
     def compute_loss(
         self,
         model: torch.nn.Module,
@@ -211,127 +204,57 @@ class PotsaTrainer(Trainer):
         pairs = metadata["ot_pairs"]
         align = self.ot_enabled and model.training and pairs is not None
         outputs = model(**inputs, output_qformer_hidden_states=align, num_items_in_batch=num_items_in_batch)
-        ce = outputs.loss
-        loss = ce
+        loss = outputs.loss
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes
         if model.training:
-            self._running["ce"] += ce.detach().item()  # micro-batch terms of one step sum to the step's mean CE
+            self._terms.add("ce", loss.detach().item())  # micro-batch terms of one step sum to the step's CE
         if align:
-            config = self.accelerator.unwrap_model(model).config
-            alignment = {
-                "pairs": pairs, "strategy": config.ot_pair_strategy, "languages": metadata["languages"],
-                "anchor_language": config.anchor_language, "blur": config.ot_blur,
-            }  # fmt: skip
-            layers = self.layer_callback.scheduler.current_layers
-            ot = weighted_alignment_loss(outputs.qformer_hidden_states, layers, **alignment)
-            share = len(pairs) / max(self._pairs_in_step, 1)
-            ot_term = config.ot_loss_weight * share * ot
-            if pairs:
-                self.layer_callback.record(ot.detach().item())
-                self._running["ot"] += share * ot.detach().item()
-            if self._split_step:
-                per_layer = {}
-                if self._measure_step:
-                    scale = config.ot_loss_weight * share
-                    per_layer = self._layer_ot_terms(outputs.qformer_hidden_states, alignment, scale)
-                loss = self._split_gradient_loss(model, loss, ot_term, per_layer)
-            else:
-                loss = loss + ot_term
+            loss = self._add_alignment(model, loss, outputs.qformer_hidden_states, pairs, metadata["languages"])
         return (loss, outputs) if return_outputs else loss
 
-    @staticmethod
-    def _layer_ot_terms(
-        hidden_states: Sequence[torch.Tensor], alignment: Mapping[str, Any], scale: float
-    ) -> dict[int, torch.Tensor]:
-        """The OT term as if applied at each Q-Former layer alone (scaled like the applied one): for the cosines."""
-        layers = range(1, len(hidden_states))  # index 0 holds the query embeddings
-        return {layer: scale * alignment_loss(hidden_states[layer], **alignment) for layer in layers}
-
-    def _trainable_parameters(self, model: torch.nn.Module) -> tuple[list[str], list[torch.nn.Parameter]]:
-        named = [(name, p) for name, p in self.accelerator.unwrap_model(model).named_parameters() if p.requires_grad]
-        return [name for name, _ in named], [p for _, p in named]
-
-    @staticmethod
-    def _block_indices(names: Sequence[str], layer: int) -> list[int]:
-        """Positions in ``names`` of Q-Former block ``layer``'s parameters (layer l = block l, counted from 1)."""
-        prefix = f"qformer.encoder.layer.{layer - 1}."
-        return [index for index, name in enumerate(names) if name.startswith(prefix)]
-
-    def _split_gradient_loss(
-        self, model: torch.nn.Module, ce_term: torch.Tensor, ot_term: torch.Tensor, layer_ot_terms: Mapping[int, Any]
+    def _add_alignment(
+        self,
+        model: torch.nn.Module,
+        ce: torch.Tensor,
+        hidden_states: Sequence[torch.Tensor],
+        pairs: Sequence[tuple[int, int]],
+        languages: Sequence[str],
     ) -> torch.Tensor:
-        """The micro-batch's loss value, whose backward gives this step's surgery-treated gradient (module docstring).
-
-        ``layer_ot_terms`` (measured steps only): the OT term at each Q-Former layer alone, whose gradient on that
-        layer's block is compared with the CE gradient there.
-        """
-        names, params = self._trainable_parameters(model)
-        ce = torch.autograd.grad(ce_term, params, retain_graph=True, allow_unused=True)
-        self._step_gradients.add("ce", ce)
-        for layer, term in layer_ot_terms.items():
-            block = [params[index] for index in self._block_indices(names, layer)]
-            if block:  # a frozen block has nothing to compare
-                layer_ot = torch.autograd.grad(term, block, retain_graph=True, allow_unused=True)
-                self._step_gradients.add(f"ot_layer_{layer}", layer_ot)
-        ot = torch.autograd.grad(ot_term, params, allow_unused=True)
-        self._step_gradients.add("ot", ot)
-        value = (ce_term + ot_term).detach()
-        self._micro_batches_left -= 1
-        if self._micro_batches_left:  # gradients arrive with the last micro-batch; zero ones keep backward valid
-            reached = [p for p, c, o in zip(params, ce, ot) if c is not None or o is not None]
-            return value + sum(p.sum() for p in reached) * 0.0
-        gradients = self._finish_split_step(names)
-        surrogate = sum((p * g).sum() for p, g in zip(params, gradients) if g is not None)
-        return value + (surrogate - surrogate.detach())  # parenthesised: adding and removing it must not round
-
-    def _finish_split_step(self, names: Sequence[str]) -> list[torch.Tensor | None]:
-        """Average the step's gradients over processes, record the cosines, and sum them (projected under PCGrad)."""
-        sums = self._step_gradients
-        sums.all_reduce_mean()
-        if self._measure_step:
-            self._record_cosines(names, sums.sums["ce"], sums.sums["ot"])
-        gradients, projected = sums.step_gradient(self.pcgrad)
-        self._running["pcgrad_projected"] += projected
-        sums.clear()
-        return gradients
-
-    def _record_cosines(self, names: Sequence[str], ce: Gradients, ot: Gradients) -> None:
-        """``grad_cosine_ot``: CE vs the applied OT gradient on the parameters both reach (what PCGrad tests);
-        ``grad_cosine_layer_{l}``: CE vs the gradient of OT at layer l alone, on Q-Former block l's parameters."""
-        measured = {"grad_cosine_ot": gradient_cosine(ce, ot)}
-        for name, layer_ot in self._step_gradients.sums.items():
-            if name.startswith("ot_layer_"):
-                layer = int(name.removeprefix("ot_layer_"))
-                block_ce = [ce[index] for index in self._block_indices(names, layer)]
-                measured[f"grad_cosine_layer_{layer}"] = gradient_cosine(block_ce, layer_ot)
-        for key, cosine in measured.items():
-            if cosine is not None:
-                self._cosines[key].append(cosine)
+        """CE + this micro-batch's share of lambda * OT, through the gradient split on the steps that need it."""
+        weight = self.alignment_args.ot_loss_weight
+        kwargs = self._alignment_kwargs(pairs, languages)
+        ot = weighted_alignment_loss(hidden_states, self.layer_callback.scheduler.current_layers, **kwargs)
+        share = len(pairs) / max(self._pairs_in_step, 1)
+        ot_term = weight * share * ot
+        if pairs:
+            self.layer_callback.record(ot.detach().item())
+            self._terms.add("ot", share * ot.detach().item())
+            self._terms.add("weighted_ot", ot_term.detach().item())
+        if not self.split_gradients.splitting:
+            return ce + ot_term
+        per_layer = {}
+        if self.split_gradients.measuring:
+            layers = range(1, len(hidden_states))  # index 0 holds the query embeddings
+            per_layer = {layer: weight * share * alignment_loss(hidden_states[layer], **kwargs) for layer in layers}
+        trainable = [(n, p) for n, p in self.accelerator.unwrap_model(model).named_parameters() if p.requires_grad]
+        return self.split_gradients.surrogate_loss(trainable, ce, ot_term, per_layer)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the loss terms, the current OT layer (or group) and the pick counts to training logs, and, when they
         are on, the share of steps PCGrad projected and the mean gradient cosines measured since the last log."""
-        steps = self._running["steps"]
-        if "loss" in logs and steps:
-            config = self.model.config
-            logs["ce"] = self._running["ce"] / steps
+        if "loss" in logs:  # a training log, made on every process at once: the terms' reduction can run
+            means = self._terms.pop_means({"ce": "steps", "weighted_ot": "steps", "ot": "ot_steps"})
+            logs.update({key: means[key] for key in ("ce", "ot", "weighted_ot") if key in means})
             if self.ot_enabled:
-                ot = self._running["ot"] / max(self._running["ot_steps"], 1)
-                logs["ot"] = ot
-                logs["weighted_ot"] = config.ot_loss_weight * ot
                 scheduler = self.layer_callback.scheduler
                 arm = scheduler.current_arm
                 if isinstance(arm, tuple):
                     logs["ot_group"] = scheduler.arms.index(arm) + 1  # 1-based position among the groups
-                else:
+                elif arm is not None:
                     logs["ot_layer"] = arm
                 logs.update({f"ot_picks_{arm_label(arm)}": n for arm, n in scheduler.pick_counts.items()})
-            if self.pcgrad:
-                logs["pcgrad_projected_fraction"] = self._running["pcgrad_projected"] / steps
-            logs.update({key: sum(values) / len(values) for key, values in self._cosines.items()})
-            self._cosines.clear()
-            self._running = dict.fromkeys(self._running, 0.0)
+            logs.update(self.split_gradients.pop_metrics())
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------------------------------------ evaluation
@@ -358,4 +281,4 @@ class PotsaTrainer(Trainer):
         return metrics
 
 
-__all__ = ["PotsaTrainer", "build_scheduler_from_config", "check_frozen"]
+__all__ = ["PotsaTrainer", "RunningTerms", "check_frozen"]

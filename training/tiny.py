@@ -15,9 +15,9 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Wav2Vec2FeatureExtractor, WhisperFeatureExtractor
 
-from .configuration_potsa import SPEECH_TOKEN, PotsaConfig
-from .modeling_potsa import PotsaForSpeechTranslation
-from .processing_potsa import PotsaProcessor
+from modeling_potsa.configuration_potsa import SPEECH_TOKEN, PotsaConfig
+from modeling_potsa.modeling_potsa import PotsaForSpeechTranslation
+from modeling_potsa.processing_potsa import PotsaProcessor
 
 PAD_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<|endoftext|>", "<unk>"
 # Enough characters for prompts and the offline corpus' targets (Chinese numerals, dates, times).
@@ -131,7 +131,6 @@ def tiny_potsa_config(
         "encoder_model_id": None, "text_model_id": None, "languages": list(languages),
         "num_query_tokens": num_query_tokens, "prompt_template": TINY_PROMPT_TEMPLATE,
         "task_instructions": dict(TINY_TASK_INSTRUCTIONS),
-        "ot_candidate_layers": [layer for layer in (1, 2, 3) if layer <= qformer_layers],
     }  # fmt: skip
     defaults.update(config_kwargs)
     return PotsaConfig(encoder_config=encoder_config, text_config=text_config, qformer_config=qformer_config, **defaults)
