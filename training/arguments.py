@@ -80,6 +80,11 @@ class DataArguments:
         metadata={"help": "More named language groups to average in reports, beside 'seen' and 'zero_shot', e.g. "
                   "{related: [it, pt], distant: [de, ko]}."},  # fmt: skip
     )
+    report_category_sets: dict[str, list[str]] | None = field(
+        default=None,
+        metadata={"help": "Named sets of the data's categories pooled in reports, e.g. {number+time: [number, time]} "
+                  "(None: that one, when the data has both categories; {}: none)."},  # fmt: skip
+    )
     pair_ratio: float = field(default=1.0, metadata={"help": "Share of sentences batched with their parallels."})
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Truncate the train set to this many utterances: whole sentences, spread over it."}

@@ -169,6 +169,7 @@ def run(argv: list[str] | None = None) -> PotsaTrainer:
         alignment_args=settings.alignment,
         pair_ratio=data_args.pair_ratio,
         eval_groups=groups,
+        eval_category_sets=data_args.report_category_sets,
         eval_task=data_args.task,
         generation_kwargs=training_args.generation_kwargs(),
     )
@@ -184,7 +185,10 @@ def run(argv: list[str] | None = None) -> PotsaTrainer:
     final = evaluation.get("test", evaluation.get("eval"))
     if final is not None and trainer.is_world_process_zero():
         batches = eval_batches(final, collator, training_args.per_device_eval_batch_size, data_args.task)
-        evaluated = evaluate_model(model, processor, batches, groups, data_args.task, **training_args.generation_kwargs())
+        evaluated = evaluate_model(
+            model, processor, batches, groups, data_args.task, category_sets=data_args.report_category_sets,
+            **training_args.generation_kwargs(),
+        )  # fmt: skip
         split = data_args.test_split or data_args.eval_split
         recorded = {"split": split, "alignment": settings.alignment.to_dict()}
         table = write_results(evaluated, training_args.output_dir, f"{Path(cli.config).stem} on {split}", recorded)

@@ -96,6 +96,8 @@ class PotsaTrainer(Trainer):
             together (see `ParallelBatchSampler`).
         eval_groups (`Mapping[str, Iterable[str]]`, *optional*): named language groups averaged in evaluation,
             e.g. {"seen": [...], "zero_shot": [...]}.
+        eval_category_sets (`Mapping[str, Sequence[str]]`, *optional*): named sets of categories pooled in
+            evaluation (see `score_predictions`; None: number+time when the data has both).
         eval_task (`str`, *optional*, defaults to "translate"): the task generated in evaluation.
         generation_kwargs (`dict`, *optional*): passed to `generate` in evaluation (num_beams, max_new_tokens, ...).
         language_probe (`bool`, *optional*, defaults to True): add the language-ID probe accuracies to evaluation
@@ -112,6 +114,7 @@ class PotsaTrainer(Trainer):
         layer_scheduler: LayerScheduler | None = None,
         pair_ratio: float = 1.0,
         eval_groups: Mapping[str, Iterable[str]] | None = None,
+        eval_category_sets: Mapping[str, Sequence[str]] | None = None,
         eval_task: str = "translate",
         generation_kwargs: Mapping[str, Any] | None = None,
         language_probe: bool = True,
@@ -125,6 +128,7 @@ class PotsaTrainer(Trainer):
         self.alignment_args.check_model(self.model.config)
         self.pair_ratio = pair_ratio
         self.eval_groups = dict(eval_groups or {})
+        self.eval_category_sets = eval_category_sets
         self.eval_task = eval_task
         self.generation_kwargs = dict(generation_kwargs or {})
         self.language_probe = language_probe
@@ -271,7 +275,7 @@ class PotsaTrainer(Trainer):
             batches = eval_batches(dataset, self.data_collator, self.args.per_device_eval_batch_size, self.eval_task)
             result = evaluate_model(
                 model, self.processing_class, batches, self.eval_groups, self.eval_task,
-                language_probe=self.language_probe, **self.generation_kwargs,
+                language_probe=self.language_probe, category_sets=self.eval_category_sets, **self.generation_kwargs,
             )  # fmt: skip
             generation_metrics = result.flat_metrics(prefix=f"{metric_key_prefix}_")
             write_results(result, Path(self.args.output_dir) / f"eval-step-{self.state.global_step}")
