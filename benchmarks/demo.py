@@ -73,7 +73,7 @@ def stage_settings(out: Path, corpus: Path, stage: str, seed: int, cache: Path |
     else:
         settings["init_from"] = str(out / STAGES[STAGES.index(stage) - 1])
     if stage != STAGES[-1]:
-        settings["eval_split"] = None  # only the final model is evaluated here (benchmarks/ablation.py: stage 2 too)
+        settings.update(eval_split=None, test_split=None)  # only the final model is evaluated (ablation: stage 2 too)
     return [f"{key}={json.dumps(value)}" for key, value in settings.items()]
 
 

@@ -35,6 +35,7 @@ def plan(args: argparse.Namespace) -> list[Job]:
     common = {
         "data_path": str(args.corpus), "encoder_cache_dir": str(args.demo / "encoder_cache"),
         "init_from": str(args.demo / STAGES[1]), "eval_split": "validation", "seed": 0,
+        "test_split": None,  # the config's final report is on test: here it is on validation (eval_split)
     }  # fmt: skip
     jobs: list[Job] = []
     for learning_rate, weight in GRID:

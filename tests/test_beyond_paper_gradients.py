@@ -26,7 +26,7 @@ from .tiny_runs import REPO, losses, settings, train
 
 # en/es sentences (each batch of 4 = two whole sentences, so a batch of 4 and two accumulated batches of 2 hold the
 # same utterances and OT pairs), plain SGD: the parameters move by exactly -lr * the applied gradient.
-SGD_STEP = {"train_languages": ["en", "es"], "zero_shot_languages": [], "eval_split": None, "save_steps": 100,
+SGD_STEP = {"train_languages": ["en", "es"], "zero_shot_languages": [], "test_split": None, "save_steps": 100,
             "learning_rate": 1e-2, "optim": "sgd", "lr_scheduler_type": "constant"}  # fmt: skip
 
 
@@ -145,7 +145,7 @@ def test_pcgrad_acts_on_the_step_gradient_so_accumulation_equals_one_large_batch
 
 
 def test_cosines_are_logged_every_n_steps(corpus, model_yaml, tmp_path):
-    trainer = train(corpus, model_yaml, tmp_path / "run", max_steps=4, save_steps=100, eval_split=None,
+    trainer = train(corpus, model_yaml, tmp_path / "run", max_steps=4, save_steps=100, test_split=None,
                     ot_gradient_cosine_every=2)  # fmt: skip
     history = {entry["step"]: entry for entry in trainer.state.log_history if "loss" in entry}
     keys = {f"grad_cosine_layer_{layer}" for layer in (1, 2, 3)} | {"grad_cosine_ot"}
@@ -186,7 +186,7 @@ def test_logged_cosines_and_applied_pcgrad_gradient_match_an_independent_computa
     monkeypatch.setattr(PotsaTrainer, "compute_loss", spy)
     monkeypatch.setattr(PotsaTrainer, "__init__", init_with_capture)
     # Seed 3's first step conflicts; lambda 1e5 makes the OT gradient big enough for the projection to show.
-    trainer = train(corpus, model_yaml, tmp_path / "run", max_steps=1, save_steps=100, eval_split=None,
+    trainer = train(corpus, model_yaml, tmp_path / "run", max_steps=1, save_steps=100, test_split=None,
                     max_grad_norm=0.0, ot_loss_weight=1e5, ot_gradient_surgery="pcgrad", ot_gradient_cosine_every=1)
     logged = trainer.state.log_history[0]
     assert logged["pcgrad_projected_fraction"] == 1.0 and logged["grad_cosine_ot"] < -1e-4
@@ -258,7 +258,7 @@ def test_pcgrad_and_cosines_under_two_process_ddp(corpus, model_yaml, tmp_path):
     out = tmp_path / "ddp"
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT)
-    overrides = settings(corpus, model_yaml, out, per_device_train_batch_size=3, eval_split=None, save_steps=100,
+    overrides = settings(corpus, model_yaml, out, per_device_train_batch_size=3, test_split=None, save_steps=100,
                          ot_gradient_surgery="pcgrad", ot_gradient_cosine_every=1, ot_layer_groups=[[1], [1, 2, 3]])
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
                "--config", str(REPO / "training/configs/tiny_stage3_potsa.yaml"), *overrides]  # fmt: skip

@@ -160,7 +160,7 @@ def test_weighted_alignment_loss_is_the_weighted_sum_of_layer_losses():
 
 
 def test_trainer_logs_groups_and_fixed_sets(corpus, model_yaml, tmp_path):
-    common = {"max_steps": 4, "save_steps": 100, "eval_split": None}
+    common = {"max_steps": 4, "save_steps": 100, "test_split": None}
     grouped = train(corpus, model_yaml, tmp_path / "groups", ot_layer_groups=[[1], [2, 3]], **common)
     logged = [entry for entry in grouped.state.log_history if "ot" in entry]
     assert logged and all(entry["ot_group"] in (1, 2) and "ot_layer" not in entry for entry in logged)

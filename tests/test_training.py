@@ -61,7 +61,7 @@ def test_resume_gives_the_uninterrupted_loss_curve(corpus, model_yaml, tmp_path)
 def test_gradient_accumulation_equals_one_large_batch(corpus, model_yaml, tmp_path):
     """Two sentences x en/es: both the CE and the OT term (two pairs) must scale as one batch of 4 does."""
     common = {"max_steps": 1, "save_steps": 100, "max_train_samples": 4, "train_languages": ["en", "es"],
-              "zero_shot_languages": [], "eval_split": None, "learning_rate": 1e-2, "optim": "sgd",
+              "zero_shot_languages": [], "test_split": None, "learning_rate": 1e-2, "optim": "sgd",
               "lr_scheduler_type": "constant"}  # fmt: skip
     large = train(corpus, model_yaml, tmp_path / "large", per_device_train_batch_size=4, **common)
     small = train(corpus, model_yaml, tmp_path / "small", per_device_train_batch_size=2,
@@ -107,7 +107,7 @@ def test_two_process_cpu_ddp(corpus, model_yaml, tmp_path):
     out = tmp_path / "ddp"
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT)
-    lambda_10 = {"ot_loss_weight": 10.0, "eval_split": None}  # a visible OT term
+    lambda_10 = {"ot_loss_weight": 10.0, "test_split": None}  # a visible OT term
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), "--config", str(REPO / "training/configs/tiny_stage3_potsa.yaml"),
         *settings(corpus, model_yaml, out, per_device_train_batch_size=3, **lambda_10),

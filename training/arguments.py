@@ -113,6 +113,11 @@ class DataArguments:
         if self.on_bad_data not in ("raise", "skip"):
             raise ValueError(f"`on_bad_data` must be 'raise' or 'skip', got {self.on_bad_data!r}.")
 
+    @property
+    def report_split(self) -> str | None:
+        """The split of the final report, after training: `test_split`, else `eval_split` (None: no report)."""
+        return self.test_split or self.eval_split
+
 
 @dataclass
 class AlignmentArguments:

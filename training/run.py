@@ -189,7 +189,7 @@ def run(argv: list[str] | None = None) -> PotsaTrainer:
             model, processor, batches, groups, data_args.task, category_sets=data_args.report_category_sets,
             **training_args.generation_kwargs(),
         )  # fmt: skip
-        split = data_args.test_split or data_args.eval_split
+        split = data_args.report_split
         recorded = {"split": split, "alignment": settings.alignment.to_dict()}
         table = write_results(evaluated, training_args.output_dir, f"{Path(cli.config).stem} on {split}", recorded)
         trainer.save_metrics("eval", evaluated.flat_metrics("eval_"))
