@@ -1,6 +1,7 @@
 """Publish a POTSA checkpoint on the Hugging Face Hub: build the exact folder, then `upload_folder` it.
 
     python -m examples.push_to_hub --checkpoint DIR --repo-id USER/NAME [--results results.json] [--dry-run OUT_DIR]
+                                   [--unmerged]
 
 The folder is written by the same `save_pretrained` calls a user's load relies on, never copied by hand:
 
@@ -10,6 +11,12 @@ The folder is written by the same `save_pretrained` calls a user's load relies o
 - model.safetensors with the trained weights only. The frozen encoder and LLM are loaded from `encoder_model_id` /
   `text_model_id` at `from_pretrained`; only a self-contained bundle (ids unset, or saved with
   `include_base_weights=True`, like the tiny demo) carries them;
+- LoRA adapters, if the model was trained with them, merged into the LLM weights they adapt (as Ultravox publishes),
+  so that users need no peft. An adapter is a delta on a frozen weight that `text_model_id` reloads, so the merged
+  weights of exactly those modules go into model.safetensors and config.json says so (`use_lora=False`,
+  `merged_lora_modules`); they replace the base LLM's at load. The default q/k/v/o targets are every layer's
+  attention projections (`python -m benchmarks.real_widths` counts them at Qwen2.5-7B's size). `--unmerged`
+  publishes the adapters as they are instead (small; loading needs peft, and they stay trainable);
 - the processor and tokenizer files;
 - README.md rendered from model_card.md with the config and the evaluation's results.json (`training/evaluation.py`
   `write_results`): scores are never typed by hand.
@@ -111,6 +118,8 @@ def render_model_card(
         stored_parameters=sum(tensor.numel() for tensor in model.state_dict().values()),  # what save_pretrained writes
         total_parameters=model.num_parameters_by_part()["total"],
         weights_bundled=bundled,
+        merged_lora_modules=list(config.merged_lora_modules),
+        lora_adapters=config.use_lora,
         window_seconds=f"{processor.max_seconds:g}",
         dataset_name=dataset_name,
         bleu_tokenize="zh" if config.target_language == "zh" else "13a",
@@ -120,14 +129,34 @@ def render_model_card(
     )
 
 
+def merge_lora_adapters(model: PotsaForSpeechTranslation) -> None:
+    """Fold the LLM's LoRA adapters into the weights they adapt and drop peft from the model, in place; the config
+    then says that the checkpoint stores those merged weights (`merged_lora_modules`) and needs no peft."""
+    if not model.config.use_lora:
+        raise ValueError("This model has no LoRA adapters to merge (`config.use_lora` is False).")
+    model.language_model = model.language_model.merge_and_unload()
+    config = model.config
+    config.merged_lora_modules = sorted({*config.merged_lora_modules, *config.lora_target_modules})
+    config.use_lora = False
+    model.freeze_base_models()
+
+
 def build_release_folder(
-    checkpoint: str | Path, out_dir: str | Path, repo_id: str, results: dict[str, Any] | None = None, **card_kwargs: Any
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    repo_id: str,
+    results: dict[str, Any] | None = None,
+    merge_lora: bool = True,
+    **card_kwargs: Any,
 ) -> list[tuple[str, int]]:
-    """Write everything the Hub repo will hold into an empty `out_dir`; returns (file name, bytes) sorted by name."""
+    """Write everything the Hub repo will hold into an empty `out_dir`; returns (file name, bytes) sorted by name.
+    LoRA adapters are merged unless `merge_lora=False` (see the module docstring)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ValueError(f"{out_dir} is not empty: every file in it would be uploaded. Use a new directory.")
     model = PotsaForSpeechTranslation.from_pretrained(checkpoint)
+    if merge_lora and model.config.use_lora:
+        merge_lora_adapters(model)
     processor = PotsaProcessor.from_pretrained(checkpoint)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
@@ -144,12 +173,17 @@ def main(argv: list[str] | None = None) -> list[tuple[str, int]]:
     parser.add_argument("--dataset-name", default="FLEURS", help="its display name in the model card")
     parser.add_argument("--private", action="store_true", help="create the repo as private")
     parser.add_argument("--dry-run", type=Path, metavar="OUT_DIR", help="write the folder here and do not upload")
+    parser.add_argument(
+        "--unmerged", action="store_true", help="publish LoRA adapters as they are (loading needs peft)"
+    )
     args = parser.parse_args(argv)
     results = json.loads(args.results.read_text()) if args.results else None
     card_kwargs = {"dataset": args.dataset, "dataset_name": args.dataset_name}
     with tempfile.TemporaryDirectory() as scratch:
         folder = args.dry_run or Path(scratch)
-        files = build_release_folder(args.checkpoint, folder, args.repo_id, results, **card_kwargs)
+        files = build_release_folder(
+            args.checkpoint, folder, args.repo_id, results, merge_lora=not args.unmerged, **card_kwargs
+        )
         for name, size in files:
             print(f"{size:>14,}  {name}")
         print(f"{sum(size for _, size in files):>14,}  total ({len(files)} files in {folder})")

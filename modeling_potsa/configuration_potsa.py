@@ -119,6 +119,11 @@ class PotsaConfig(PreTrainedConfig):
             Joins transcript and translation in the "chain" task's target.
         use_lora, lora_rank, lora_alpha, lora_dropout, lora_target_modules:
             Optional LoRA adapters on the LLM (through peft), off by default as in the paper.
+        merged_lora_modules (`list[str]`, *optional*, defaults to `[]`):
+            LLM modules (peft `target_modules` names) whose weights hold trained LoRA adapters merged in, as
+            `examples/push_to_hub.py` publishes a LoRA model (with `use_lora=False`). The adapters are deltas on
+            frozen weights that `text_model_id` reloads, so the checkpoint stores these modules' merged weights and
+            they replace the base LLM's at `from_pretrained`: the merged model loads without peft.
 
     The config describes what the model is (architecture, languages, prompt): it is Hub remote code. How a model is
     trained (the OT loss, its layer scheduler, pairing) is `potsa_training.arguments.AlignmentArguments`.
@@ -152,6 +157,7 @@ class PotsaConfig(PreTrainedConfig):
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    merged_lora_modules: list[str] = field(default_factory=list)
 
     def __post_init__(self, **kwargs: Any) -> None:
         legacy = sorted(key for key in TRAINING_ONLY_KEYS if key in kwargs)

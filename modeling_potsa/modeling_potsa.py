@@ -224,7 +224,15 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
         """LoRA adapters on the LLM modules named in `config.lora_target_modules`. The default (q_proj, k_proj, v_proj,
         o_proj) suits Qwen2, Llama, Mistral and Gemma; other families name their projections differently (GPT-2:
         c_attn, c_proj), and a name this LLM lacks is an error rather than a silently smaller adapter."""
-        from peft import LoraConfig, get_peft_model  # optional dependency, only when LoRA is asked for
+        # Optional, only for LoRA. In a `try`, which transformers' remote-code import check skips: a bare import here
+        # would make every checkpoint, LoRA or not, refuse to load with trust_remote_code where peft is missing.
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError as error:
+            raise ImportError(
+                "This model has LoRA adapters (`use_lora=True`), which need peft: `pip install peft`. A model "
+                "published by examples/push_to_hub.py without `--unmerged` has them merged and needs no peft."
+            ) from error
 
         projections = {
             name.rsplit(".", 1)[-1]
@@ -310,10 +318,12 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
         return tuple(prefixes)
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-        """The weights this checkpoint owns: everything except frozen base-model weights that an id reloads.
+        """The weights this checkpoint owns: everything except frozen base-model weights that an id reloads, but
+        with the LLM weights that merged LoRA adapters changed (`config.merged_lora_modules`, matched as peft
+        matches `target_modules`: by module-name suffix).
 
         `from_pretrained` derives the expected keys from this too, so frozen base weights are neither expected
-        in the checkpoint nor re-initialised over the pretrained ones."""
+        in the checkpoint nor re-initialised over the pretrained ones, and merged weights replace the base's."""
         state = super().state_dict(*args, **kwargs)
         external = self._external_weight_prefixes()
         if not external:
@@ -321,7 +331,14 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
         prefix = kwargs.get("prefix", "")
         trainable = {prefix + name for name, param in self.named_parameters() if param.requires_grad}
         external = tuple(prefix + p for p in external)
-        return {key: value for key, value in state.items() if key in trainable or not key.startswith(external)}
+        merged = tuple(f".{module}.weight" for module in self.config.merged_lora_modules)
+        return {
+            key: value
+            for key, value in state.items()
+            if key in trainable
+            or not key.startswith(external)
+            or (merged and key.startswith(prefix + "language_model.") and key.endswith(merged))
+        }
 
     def save_pretrained(self, save_directory: Any, *args: Any, include_base_weights: bool = False, **kwargs: Any):
         """Save config, code files and the trainable weights (safetensors).

@@ -16,10 +16,16 @@ What it adds to `model.generate`:
   `datasets` rows `{"audio": ..., "language": ...}` and lists of all of these. Any rate is resampled to 16 kHz,
   channels are averaged, int16/int32 PCM is scaled; bad input is a `ValueError` that names the problem.
 - Batching: the windows of a list of inputs go through the model `batch_size` at a time, one `generate` call each.
-- Long audio: cut into pieces no longer than the encoder window, each at the quietest 20 ms frame within the last
-  20 % of its window (a pause, where a cut loses the least), without overlap so that no speech is translated twice.
-  The pieces' translations are joined with no space for targets written without spaces (Chinese, Japanese, Thai,
-  ...) and with one space otherwise.
+- Long audio: cut into pieces no longer than the encoder window, without overlap so that no speech is translated
+  twice, each cut in a pause so that no word is split. Energy is measured in 20 ms frames (Whisper's frame rate) and
+  averaged over 100 ms; a *pause* is a 100 ms stretch at least 25 dB quieter than the clip's speech level (the 90th
+  percentile of its frame energies, so that a clip with long silences still has speech as its reference). Each
+  window is cut at the quietest point of its last 20 % if that point is a pause; if not (speech runs up to the
+  window's end), of its last 40 %, 60 % or 80 %, the first of these spans that holds a pause; and only when none
+  does (no pause anywhere but the window's first fifth) at the quietest point of the last 20 %, the least bad cut
+  that keeps pieces long. Pieces are thus at least a fifth of the window, and a cut falls inside a word only when
+  the window holds no pause. The pieces' translations are joined with no space for targets written without spaces
+  (Chinese, Japanese, Thai, ...) and with one space otherwise.
 - `language=None`: each window's language is the nearest language centroid (bias row) to its time-pooled encoder
   output; `detect_language` does this per input, over all its windows.
 """
@@ -32,6 +38,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import Pipeline
 
 from .audio import SILENCE_PEAK, load_waveform
@@ -39,24 +46,53 @@ from .bias_compensation import masked_time_mean
 
 DEFAULT_MAX_NEW_TOKENS = 128  # the LLM's own default (max_length=20) would cut most translations short
 FRAME_SECONDS = 0.02  # energy frame of the pause search: Whisper's frame rate after its stride-2 convolution
-SEARCH_FRACTION = 0.2  # the cut is searched for in the last 20 % of each window
+PAUSE_FRAMES = 5  # a pause lasts at least 100 ms: shorter dips (between syllables, in a stop consonant) are no pause
+PAUSE_DB = 25.0  # ... and is this much quieter than the clip's speech level
+SPEECH_LEVEL_QUANTILE = 0.9  # the clip's speech level: the frame energy that 10 % of its frames exceed
+SEARCH_FRACTIONS = (0.2, 0.4, 0.6, 0.8)  # end-of-window spans searched for a pause, shortest first
 # Written without spaces between words: window translations are concatenated as they are.
 UNSPACED_LANGUAGES = frozenset({"zh", "ja", "th", "lo", "km", "my", "bo"})
 
 
 def split_at_pauses(waveform: torch.Tensor, window: int, frame: int) -> list[torch.Tensor]:
-    """Cut a 1-D waveform into pieces of at most `window` samples, each cut in the middle of the lowest-energy
-    `frame` within the last `SEARCH_FRACTION` of the window. Audio no longer than `window` stays whole."""
-    search = max(frame, int(window * SEARCH_FRACTION)) // frame * frame
+    """Cut a 1-D waveform into consecutive pieces of at most `window` samples, each cut in the middle of a `frame`
+    chosen by the rule of the module docstring. Audio no longer than `window` stays whole; the pieces concatenate
+    back to `waveform`."""
+    if window < PAUSE_FRAMES * frame:
+        raise ValueError(f"The window ({window} samples) must hold at least {PAUSE_FRAMES} frames of {frame} samples.")
+    if waveform.numel() <= window:
+        return [waveform]
+    # (frames,) mean power of consecutive frames (a short last frame is averaged over its own samples)
+    power = F.avg_pool1d(waveform.float().pow(2).view(1, 1, -1), frame, frame, ceil_mode=True).view(-1)
+    pause_level = power.quantile(SPEECH_LEVEL_QUANTILE) * 10 ** (-PAUSE_DB / 10)
+    # (frames,) the same, averaged over the PAUSE_FRAMES frames centred on each frame
+    power = F.avg_pool1d(power.view(1, 1, -1), PAUSE_FRAMES, 1, PAUSE_FRAMES // 2, count_include_pad=False).view(-1)
+    window_frames = window // frame
     pieces, start = [], 0
     while waveform.numel() - start > window:
-        tail = waveform[start + window - search : start + window]
-        energy = tail.view(-1, frame).pow(2).mean(dim=1)  # (search // frame,)
-        cut = start + window - search + int(energy.argmin()) * frame + frame // 2
+        last = (start + window - frame // 2) // frame  # the window's last frame whose middle is inside it
+        cut = _cut_frame(power, pause_level, last, window_frames) * frame + frame // 2
         pieces.append(waveform[start:cut])
         start = cut
     pieces.append(waveform[start:])
     return pieces
+
+
+def _quietest_frame(power: torch.Tensor, last: int, span: int) -> int:
+    """Index of the quietest of the `span` frames that end with frame `last`."""
+    first = last + 1 - span
+    return first + int(power[first : last + 1].argmin())
+
+
+def _cut_frame(power: torch.Tensor, pause_level: torch.Tensor, last: int, window_frames: int) -> int:
+    """The frame to cut in, for a window of `window_frames` frames ending with frame `last`: the quietest frame of the
+    shortest end span (`SEARCH_FRACTIONS`) that holds a pause, else the quietest frame of the shortest span."""
+    spans = [int(fraction * window_frames) for fraction in SEARCH_FRACTIONS]
+    for span in spans:
+        quietest = _quietest_frame(power, last, span)
+        if power[quietest] <= pause_level:
+            return quietest
+    return _quietest_frame(power, last, spans[0])
 
 
 def join_translations(texts: Iterable[str], target_language: str) -> str:

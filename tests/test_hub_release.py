@@ -13,6 +13,7 @@ import datasets
 import numpy as np
 import pytest
 import soundfile
+import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
@@ -45,6 +46,23 @@ for folder in sys.argv[2:]:
         translate = pipeline(task, model=folder, trust_remote_code=True)
         results[f"{folder} {task}"] = translate(sys.argv[1], language="es", max_new_tokens=3)
 print(json.dumps(results))
+"""
+
+
+# A bare interpreter without peft: the merged LoRA release must load; the unmerged one must ask for peft.
+NO_PEFT_SCRIPT = """
+import sys, torch
+sys.modules["modeling_potsa"] = None
+sys.modules["peft"] = None
+from transformers import AutoModel
+merged, unmerged, batch, out = sys.argv[1:]
+model = AutoModel.from_pretrained(merged, trust_remote_code=True).eval()
+with torch.no_grad():
+    torch.save(model(**torch.load(batch)).logits, out)
+try:
+    AutoModel.from_pretrained(unmerged, trust_remote_code=True)
+except ImportError as error:
+    print("unmerged:", error)
 """
 
 
@@ -231,3 +249,57 @@ def test_only_hub_ids_become_base_models(tmp_path):
     assert not push_to_hub._is_hub_id("runs/standins/llm") and not push_to_hub._is_hub_id(None)
     (tmp_path / "llm").mkdir()
     assert not push_to_hub._is_hub_id(str(tmp_path / "llm"))
+
+
+@pytest.fixture(scope="module")
+def lora_releases(tiny, base_ids, tmp_path_factory):  # noqa: F811
+    """A LoRA checkpoint on top of base checkpoints (adapters made non-zero, as training leaves them), published
+    merged (the default) and `--unmerged`."""
+    root = tmp_path_factory.mktemp("lora")
+    config = base_ids.__class__(**{**base_ids.to_dict(), "use_lora": True, "lora_target_modules": ["q_proj", "v_proj"]})
+    model = PotsaForSpeechTranslation.from_base_models(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero: the adapters would change nothing
+                param.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(0))
+    model.save_pretrained(root / "checkpoint")
+    tiny[1].save_pretrained(root / "checkpoint")
+    for name, flags in (("merged", []), ("unmerged", ["--unmerged"])):
+        push_to_hub.main(["--checkpoint", str(root / "checkpoint"), "--repo-id", "me/x", "--dry-run", str(root / name),
+                          *flags])  # fmt: skip
+    return root
+
+
+def test_lora_release_is_merged_and_loads_without_peft_like_the_adapters_with_it(lora_releases, tiny, tmp_path):
+    root, processor = lora_releases, tiny[1]
+    merged_config = json.loads((root / "merged/config.json").read_text())
+    assert not merged_config["use_lora"] and merged_config["merged_lora_modules"] == ["q_proj", "v_proj"]
+    merged_llm = {key for key in load_file(root / "merged/model.safetensors") if key.startswith("language_model.")}
+    assert merged_llm == {f"language_model.model.layers.{i}.self_attn.{m}_proj.weight" for i in (0, 1) for m in "qv"}
+    assert json.loads((root / "unmerged/config.json").read_text())["use_lora"]
+    unmerged_llm = [key for key in load_file(root / "unmerged/model.safetensors") if key.startswith("language_model.")]
+    assert unmerged_llm and all("lora_" in key for key in unmerged_llm)  # adapters only, no base weight
+    assert "merged in" in (root / "merged/README.md").read_text()
+    assert "pip install peft" in (root / "unmerged/README.md").read_text()
+
+    batch = dict(processor(synthetic_audio(1.5), sampling_rate=SAMPLING_RATE, language="es", text="三月三日"))
+    torch.save(batch, tmp_path / "batch.pt")
+    completed = subprocess.run(
+        [sys.executable, "-c", NO_PEFT_SCRIPT, str(root / "merged"), str(root / "unmerged"), str(tmp_path / "batch.pt"),
+         str(tmp_path / "logits.pt")],
+        check=True, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}, capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert "unmerged:" in completed.stdout and "peft" in completed.stdout
+    with torch.no_grad():
+        with_adapters = PotsaForSpeechTranslation.from_pretrained(root / "unmerged").eval()
+        expected = with_adapters(**batch).logits
+        with with_adapters.language_model.disable_adapter():
+            base = with_adapters(**batch).logits
+    assert (expected - base).abs().max() > 0.1  # the adapters matter, so the comparison below means something
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_merging_needs_lora_adapters(tiny):
+    with pytest.raises(ValueError, match="no LoRA adapters"):
+        push_to_hub.merge_lora_adapters(tiny[0])

@@ -72,8 +72,6 @@ def test_saving_names_the_pipeline_for_both_tasks(tiny, pipe, tmp_path):
     assert {"pipeline_potsa.py", "processor_config.json", "config.json"} <= saved
 
 
-
-
 def test_every_input_form_gives_the_same_translation(pipe, clip, tmp_path):
     soundfile.write(tmp_path / "clip.wav", clip, SAMPLING_RATE, subtype="FLOAT")
     forms = [
@@ -134,6 +132,64 @@ def test_split_at_pauses_cuts_in_the_quietest_frame_of_each_window():
     assert len(pieces) == 3 and all(piece.numel() <= 4 * SAMPLING_RATE for piece in pieces)
     assert 3.5 <= ends[0] <= 3.6 and 7.0 <= ends[1] <= 7.1
     assert len(split_at_pauses(waveform[: 4 * SAMPLING_RATE], window=4 * SAMPLING_RATE, frame=320)) == 1
+
+
+def speech_with_pauses(stretches: list[tuple[float, float]], seed: int = 0) -> tuple[torch.Tensor, list, list]:
+    """Voiced stretches (`synthetic_audio`), each followed by a pause of room noise 40 dB below the voice, from
+    `(voiced seconds, pause seconds)`; returns the waveform and the (start, end) samples of its voiced stretches
+    and of its pauses."""
+    rng = np.random.default_rng(seed)
+    parts, voiced, pauses, position = [], [], [], 0
+    for index, (speech, pause) in enumerate(stretches):
+        parts += [synthetic_audio(speech, seed=seed + index)]
+        parts += [(0.003 * rng.standard_normal(int(pause * SAMPLING_RATE))).astype(np.float32)]
+        voiced.append((position, position + parts[-2].size))
+        pauses.append((voiced[-1][1], voiced[-1][1] + parts[-1].size))
+        position = pauses[-1][1]
+    return torch.from_numpy(np.concatenate(parts)), voiced, pauses
+
+
+def cut_positions(pieces: list[torch.Tensor]) -> list[int]:
+    return np.cumsum([piece.numel() for piece in pieces])[:-1].tolist()
+
+
+WINDOW = 4 * SAMPLING_RATE
+FRAME = 320
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.floats(0.5, 6.0), st.floats(0.12, 1.0)), min_size=1, max_size=8), st.integers(0, 99))
+def test_no_cut_falls_inside_speech_when_the_window_holds_a_pause(stretches, seed):
+    """Pauses of at least 120 ms hold five whole 20 ms frames of silence wherever they fall: a pause by the rule."""
+    waveform, voiced, pauses = speech_with_pauses(stretches, seed)
+    pieces = split_at_pauses(waveform, WINDOW, FRAME)
+    assert torch.equal(torch.cat(pieces), waveform)
+    assert all(piece.numel() <= WINDOW for piece in pieces)
+    start = 0
+    for cut in cut_positions(pieces):
+        # The searched part of the window is its last 80 %; a pause in it, clear of its edges, must be found.
+        searched = (start + WINDOW // 5 + 2 * FRAME, start + WINDOW - 2 * FRAME)
+        if any(searched[0] <= begin and end <= searched[1] for begin, end in pauses):
+            assert not any(begin < cut < end for begin, end in voiced), (cut, start)
+            event("a pause in the window: cut in it")
+        else:
+            event("no pause in the window")
+        start = cut
+
+
+def test_a_window_without_a_pause_near_its_end_is_cut_at_an_earlier_pause():
+    waveform, voiced, _ = speech_with_pauses([(1.5, 0.3), (6.0, 0.0)])  # speech from 1.8 s to 7.8 s: past the window
+    pieces = split_at_pauses(waveform, WINDOW, FRAME)
+    assert voiced[0][1] < cut_positions(pieces)[0] < voiced[1][0]  # in the pause at 1.5-1.8 s, not in the last 0.8 s
+
+
+def test_continuous_speech_is_cut_at_the_quietest_frame_near_the_window_end():
+    waveform = torch.from_numpy(synthetic_audio(10.0, seed=4))  # syllable dips, but no 100 ms pause
+    pieces = split_at_pauses(waveform, WINDOW, FRAME)
+    assert torch.equal(torch.cat(pieces), waveform) and len(pieces) == 3
+    assert all(0.8 * WINDOW <= piece.numel() <= WINDOW for piece in pieces[:-1])
+    with pytest.raises(ValueError, match="at least 5 frames"):
+        split_at_pauses(waveform, window=4 * FRAME, frame=FRAME)
 
 
 def test_long_audio_is_translated_window_by_window_and_joined(pipe):
