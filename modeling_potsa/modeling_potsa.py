@@ -224,7 +224,13 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
         """LoRA adapters on the LLM modules named in `config.lora_target_modules`. The default (q_proj, k_proj, v_proj,
         o_proj) suits Qwen2, Llama, Mistral and Gemma; other families name their projections differently (GPT-2:
         c_attn, c_proj), and a name this LLM lacks is an error rather than a silently smaller adapter."""
-        from peft import LoraConfig, get_peft_model  # optional dependency, only when LoRA is asked for
+        try:  # an optional dependency: transformers' remote-code import check skips imports inside `try`
+            from peft import LoraConfig, get_peft_model
+        except ImportError as error:
+            raise ImportError(
+                "LoRA adapters (`use_lora=True` in the config) need the `peft` package: `pip install peft`, or set "
+                "`use_lora=False`."
+            ) from error
 
         projections = {
             name.rsplit(".", 1)[-1]
@@ -277,26 +283,26 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
             hub_keys = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
             hub_kwargs = {key: kwargs[key] for key in hub_keys if key in kwargs}
             config = PotsaConfig.from_pretrained(config or pretrained_model_name_or_path, **hub_kwargs)
-        if config.base_weights_in_checkpoint or not (config.encoder_model_id and config.text_model_id):
-            model = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
-            model.freeze_base_models()  # loaded tensors come back as fresh, trainable parameters
-            return model
-        base_keys = ("dtype", "cache_dir", "local_files_only", "token", "attn_implementation")
-        base_models = cls._load_base_models(config, **{key: kwargs[key] for key in base_keys if key in kwargs})
-        kwargs["speech_encoder"], kwargs["language_model"] = base_models
-        # Loading re-creates every non-persistent buffer (e.g. rotary frequencies) as if it were new; the base
-        # models already hold the right values, so put them back afterwards.
-        buffers = [
-            (module, name, buffer.clone())
-            for base_model in base_models
-            for module in base_model.modules()
-            for name, buffer in module.named_buffers(recurse=False)
-            if name in module._non_persistent_buffers_set
-        ]
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+        buffers = []
+        if not config.base_weights_in_checkpoint and config.encoder_model_id and config.text_model_id:
+            base_keys = ("dtype", "cache_dir", "local_files_only", "token", "attn_implementation")
+            base_models = cls._load_base_models(config, **{key: kwargs[key] for key in base_keys if key in kwargs})
+            kwargs["speech_encoder"], kwargs["language_model"] = base_models
+            # Loading re-creates every non-persistent buffer (e.g. rotary frequencies) as if it were new; the base
+            # models already hold the right values, so put them back afterwards.
+            buffers = [
+                (module, name, buffer.clone())
+                for base_model in base_models
+                for module in base_model.modules()
+                for name, buffer in module.named_buffers(recurse=False)
+                if name in module._non_persistent_buffers_set
+            ]
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+        model = loaded[0] if kwargs.get("output_loading_info") else loaded  # (model, loading_info) when asked
+        model.freeze_base_models()  # bundled base weights come back as fresh, trainable parameters
         for module, name, buffer in buffers:
             module.register_buffer(name, buffer.to(getattr(module, name).device), persistent=False)
-        return model
+        return loaded
 
     def _external_weight_prefixes(self) -> tuple[str, ...]:
         """State-dict prefixes whose frozen weights are reloaded from a base model id rather than stored."""
