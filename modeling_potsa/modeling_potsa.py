@@ -104,11 +104,26 @@ class PotsaPreTrainedModel(PreTrainedModel):
     # The trained connector stays in float32 whatever dtype the frozen encoder / LLM are loaded in (as BLIP-2 does).
     _keep_in_fp32_modules_strict = ["query_tokens", "bias_compensation", "qformer", "projector"]
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """POTSA initialises every tensor through `transformers.initialization`, which leaves loaded tensors alone,
+        so it opts out of the guard transformers adds for custom code that writes weights in place. That guard
+        takes a module without parameters of its own for initialised and skips it, and with it the sub-models' own
+        init of such modules: Whisper's encoder, whose sinusoidal position table would stay uninitialised memory
+        on meta-device construction or when a checkpoint lacks it."""
+        return False
+
     def _init_weights(self, module: nn.Module) -> None:
-        """Initialise POTSA's own parameters; the encoder, Q-Former and LLM sub-models initialise themselves."""
+        """Initialise POTSA's own parameters; the encoder, Q-Former and LLM sub-models initialise themselves.
+
+        The model itself comes last (`initialize_weights` visits children first), so the projector's LayerNorm gain,
+        which depends on the LLM's embeddings, is set once those are initialised or loaded."""
         std = self.config.qformer_config.initializer_range
         if isinstance(module, PotsaForSpeechTranslation):
             init.normal_(module.query_tokens, mean=0.0, std=std)
+            embeddings = module.get_input_embeddings().weight
+            if not embeddings.is_meta:  # on the meta device there is nothing to read yet, nor to write
+                init.constant_(module.projector.layer_norm.weight, _root_mean_square(embeddings))
         elif isinstance(module, LanguageBiasCompensation):
             module.reset_parameters()
         elif isinstance(module, nn.Linear):
@@ -116,19 +131,15 @@ class PotsaPreTrainedModel(PreTrainedModel):
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm):
-            init.constant_(module.weight, self._soft_prompt_scale() if self._is_projector_norm(module) else 1.0)
+            init.ones_(module.weight)
             init.zeros_(module.bias)
 
-    def _is_projector_norm(self, module: nn.Module) -> bool:
-        projector = getattr(self, "projector", None)
-        return projector is not None and module is projector.layer_norm
 
-    def _soft_prompt_scale(self) -> float:
-        """RMS of the LLM's own token embeddings: where the projector's LayerNorm gain starts. A unit-scale output
-        is ~50x larger than Qwen's embeddings, and the frozen LLM only learns to read the soft prompt after
-        hundreds of steps of shrinking the gain (on the meta device the checkpoint supplies the value)."""
-        embeddings = self.get_input_embeddings().weight
-        return 1.0 if embeddings.is_meta else embeddings.detach().float().pow(2).mean().sqrt().item()
+def _root_mean_square(embeddings: torch.Tensor) -> float:
+    """RMS of the LLM's own token embeddings: where the projector's LayerNorm gain starts. A unit-scale output is
+    ~50x larger than Qwen's embeddings, and the frozen LLM only learns to read the soft prompt after hundreds of steps
+    of shrinking the gain."""
+    return embeddings.detach().float().pow(2).mean().sqrt().item()
 
 
 # What must agree between the POTSA config and a base model loaded from its id (fields a model lacks are None).
