@@ -26,7 +26,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, Blip2QFormerModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.dynamic_module_utils import get_relative_import_files
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions, ModelOutput
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
 
@@ -45,16 +45,33 @@ class PotsaOutput(ModelOutput):
             Cross-entropy on target tokens (labels != -100), when `labels` is given.
         logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
             LLM logits over the merged sequence (prompt, soft prompt, target).
-        qformer_hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states=True`):
+            The LLM's: its input embeddings (index 0, the soft prompt merged in) and each decoder layer's output,
+            `num_hidden_layers + 1` tensors of shape `(batch_size, sequence_length, llm_hidden_size)`.
+        attentions (`tuple(torch.FloatTensor)`, *optional*, returned with `output_attentions=True`):
+            The LLM's self-attention weights, one `(batch_size, num_heads, sequence_length, sequence_length)` tensor
+            per decoder layer.
+        qformer_hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states=True` or
+            `output_qformer_hidden_states=True`):
             `num_qformer_layers + 1` tensors of shape `(batch_size, num_query_tokens, qformer_hidden_size)`: the
             query embeddings (index 0) and each block's output (index l = layer l, what the OT loss aligns).
+        qformer_attentions (`tuple(torch.FloatTensor)`, *optional*, returned with `output_attentions=True`):
+            Self-attention weights among the queries, one `(batch_size, num_heads, num_query_tokens,
+            num_query_tokens)` tensor per Q-Former layer.
+        qformer_cross_attentions (`tuple(torch.FloatTensor)`, *optional*, returned with `output_attentions=True`):
+            Cross-attention weights of the queries over the encoder frames, one `(batch_size, num_heads,
+            num_query_tokens, frames)` tensor per Q-Former layer with cross-attention.
         pooled_speech (`torch.FloatTensor` of shape `(batch_size, encoder_hidden_size)`, *optional*):
             Encoder frames averaged over valid frames *before* bias compensation (bias estimation, language id).
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
     qformer_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    qformer_attentions: tuple[torch.FloatTensor, ...] | None = None
+    qformer_cross_attentions: tuple[torch.FloatTensor, ...] | None = None
     pooled_speech: torch.FloatTensor | None = None
 
 
@@ -69,11 +86,15 @@ class PotsaSpeechOutput(ModelOutput):
             qformer_hidden_size)`.
         pooled_speech (`torch.FloatTensor` of shape `(batch_size, encoder_hidden_size)`):
             Encoder frames averaged over valid frames, before bias compensation.
+        qformer_attentions / qformer_cross_attentions (`tuple(torch.FloatTensor)`, *optional*):
+            The Q-Former's attention weights, with `output_attentions=True` (see `PotsaOutput`).
     """
 
     soft_prompt: torch.FloatTensor | None = None
     qformer_hidden_states: tuple[torch.FloatTensor, ...] | None = None
     pooled_speech: torch.FloatTensor | None = None
+    qformer_attentions: tuple[torch.FloatTensor, ...] | None = None
+    qformer_cross_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 class PotsaProjector(nn.Module):
@@ -163,6 +184,24 @@ def _check_same_architecture(name: str, expected: Any, loaded: Any, fields: tupl
                 f"The {name} loaded from its id has {field_name}={loaded_value} but the POTSA config says "
                 f"{expected_value}; the checkpoint was trained on another base model."
             )
+
+
+def _require_eager_attention(model: PreTrainedModel, name: str) -> None:
+    """Only eager attention computes attention weights; the others would return none, without an error."""
+    implementation = model.config._attn_implementation
+    if implementation != "eager":
+        raise ValueError(
+            f"`output_attentions=True` needs eager attention, but the {name} uses {implementation!r}: load the model "
+            'with `attn_implementation="eager"` or call `model.set_attn_implementation("eager")`.'
+        )
+
+
+def _self_attentions(qformer_output: BaseModelOutputWithPoolingAndCrossAttentions) -> tuple[torch.Tensor, ...]:
+    """The Q-Former's self-attention weights. `Blip2QFormerModel` records its cross-attention weights among its
+    `attentions` too (the pattern that picks its `.attention` modules also matches `.crossattention.attention`), so
+    drop those, by identity: the same tensors are its `cross_attentions`."""
+    cross = {id(weights) for weights in qformer_output.cross_attentions}
+    return tuple(weights for weights in qformer_output.attentions if id(weights) not in cross)
 
 
 def _mark_initialized(module: nn.Module) -> None:
@@ -422,9 +461,14 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
         return self.speech_encoder_family.encode(self.speech_encoder, input_features, feature_attention_mask)
 
     def speech_to_soft_prompt(
-        self, frames: torch.Tensor, frame_mask: torch.Tensor, language_ids: torch.Tensor | None
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """Encoder frames -> (soft prompt (B, Q, d_llm), Q-Former hidden states per layer)."""
+        self,
+        frames: torch.Tensor,
+        frame_mask: torch.Tensor,
+        language_ids: torch.Tensor | None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, BaseModelOutputWithPoolingAndCrossAttentions]:
+        """Encoder frames -> (soft prompt (B, Q, d_llm), the Q-Former's output with its hidden states per layer and,
+        with `output_attentions`, its attention weights)."""
         if self.config.use_bias_compensation:
             if language_ids is None:
                 raise ValueError(
@@ -438,12 +482,17 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
             encoder_hidden_states=frames,
             encoder_attention_mask=frame_mask.long(),
             output_hidden_states=True,
+            output_attentions=output_attentions,
         )
         soft_prompt = self.projector(qformer_output.last_hidden_state)
-        return soft_prompt, qformer_output.hidden_states
+        return soft_prompt, qformer_output
 
-    def _merge_soft_prompt(self, input_ids: torch.Tensor, soft_prompt: torch.Tensor) -> torch.Tensor:
+    def _merge_soft_prompt(self, input_ids: torch.Tensor | None, soft_prompt: torch.Tensor) -> torch.Tensor:
         """Embed `input_ids` and write the soft prompt over the speech-token placeholders, row by row."""
+        if input_ids is None:
+            raise ValueError(
+                "`input_ids` are required: the prompt with its speech placeholders, from `PotsaProcessor`."
+            )
         speech_token_id = self.config.speech_token_id
         if speech_token_id is None:
             raise ValueError(
@@ -468,6 +517,7 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
         language_ids: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
     ) -> PotsaSpeechOutput:
         """Speech -> soft prompt, without the LLM: features (or cached encoder frames) through bias compensation,
         Q-Former and projector. What alignment metrics, bias estimation and language detection need."""
@@ -485,14 +535,22 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
                 if encoder_attention_mask is None
                 else encoder_attention_mask.bool()
             )
-        soft_prompt, qformer_states = self.speech_to_soft_prompt(frames, frame_mask, language_ids)
-        return PotsaSpeechOutput(soft_prompt, qformer_states, masked_time_mean(frames, frame_mask))
+        if output_attentions:
+            _require_eager_attention(self.qformer, "Q-Former")
+        soft_prompt, qformer_output = self.speech_to_soft_prompt(frames, frame_mask, language_ids, output_attentions)
+        return PotsaSpeechOutput(
+            soft_prompt=soft_prompt,
+            qformer_hidden_states=qformer_output.hidden_states,
+            pooled_speech=masked_time_mean(frames, frame_mask),
+            qformer_attentions=_self_attentions(qformer_output) if output_attentions else None,
+            qformer_cross_attentions=qformer_output.cross_attentions if output_attentions else None,
+        )
 
     # -------------------------------------------------------------------------------------------------- interfaces
     def forward(
         self,
-        input_ids: torch.LongTensor,
         input_features: torch.FloatTensor | None = None,
+        input_ids: torch.LongTensor | None = None,
         feature_attention_mask: torch.LongTensor | None = None,
         language_ids: torch.LongTensor | None = None,
         attention_mask: torch.LongTensor | None = None,
@@ -500,16 +558,19 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
         encoder_hidden_states: torch.FloatTensor | None = None,
         encoder_attention_mask: torch.LongTensor | None = None,
         output_qformer_hidden_states: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
-    ) -> PotsaOutput:
+    ) -> PotsaOutput | tuple[torch.Tensor, ...]:
         r"""
         Args:
-            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
-                Prompt (+ target) token ids with `num_query_tokens` speech-token placeholders per row.
             input_features (`torch.FloatTensor` of shape `(batch_size, n_mels, 2 * max_source_positions)` or
                 `(batch_size, window_samples)`):
                 The speech encoder's input from `PotsaProcessor`, padded to the encoder window: log-mel features
                 for Whisper, the normalised waveform for wav2vec2-style encoders (which call it `input_values`).
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+                Prompt (+ target) token ids with `num_query_tokens` speech-token placeholders per row. Required.
             feature_attention_mask (`torch.LongTensor` of shape `(batch_size, input_features.shape[-1])`):
                 1 for feature frames (Whisper) or samples (wav2vec2-style) of the audio, 0 for padding.
             language_ids (`torch.LongTensor` of shape `(batch_size,)`):
@@ -520,12 +581,31 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
             encoder_hidden_states / encoder_attention_mask:
                 Cached frozen-encoder outputs `(batch_size, frames, d_enc)` and their mask, instead of features.
             output_qformer_hidden_states (`bool`): return every Q-Former layer's states (for the OT loss).
+            output_attentions (`bool`, *optional*, defaults to `config.output_attentions`):
+                Return the LLM's and the Q-Former's attention weights; needs eager attention
+                (`attn_implementation="eager"`), the only kind that computes them.
+            output_hidden_states (`bool`, *optional*, defaults to `config.output_hidden_states`):
+                Return the LLM's and the Q-Former's hidden states.
+            return_dict (`bool`, *optional*, defaults to `config.return_dict`):
+                A `PotsaOutput`, or else the tuple of its fields that are set.
             num_items_in_batch (`int`, *optional*):
                 Target tokens in the whole accumulated batch; the CE is a sum divided by it, so that gradient
                 accumulation gives the same update as one large batch.
         """
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        if output_attentions:
+            _require_eager_attention(self.language_model, "LLM")
         speech = self.encode(
-            input_features, feature_attention_mask, language_ids, encoder_hidden_states, encoder_attention_mask
+            input_features,
+            feature_attention_mask,
+            language_ids,
+            encoder_hidden_states,
+            encoder_attention_mask,
+            output_attentions=output_attentions,
         )
         inputs_embeds = self._merge_soft_prompt(input_ids, speech.soft_prompt)
         llm_kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
@@ -534,24 +614,33 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             labels=labels if has_targets else None,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
             **(llm_kwargs if has_targets else {}),
         )
         loss = llm_output.loss
         if labels is not None and not has_targets:
             # Rows without targets (audio that only joins the alignment loss): zero CE, not 0/0 = NaN.
             loss = llm_output.logits.sum() * 0.0
-        return PotsaOutput(
+        output = PotsaOutput(
             loss=loss,
             logits=llm_output.logits,
-            qformer_hidden_states=speech.qformer_hidden_states if output_qformer_hidden_states else None,
+            hidden_states=llm_output.hidden_states if output_hidden_states else None,
+            attentions=llm_output.attentions if output_attentions else None,
+            qformer_hidden_states=(
+                speech.qformer_hidden_states if output_qformer_hidden_states or output_hidden_states else None
+            ),
+            qformer_attentions=speech.qformer_attentions,
+            qformer_cross_attentions=speech.qformer_cross_attentions,
             pooled_speech=speech.pooled_speech,
         )
+        return output if return_dict else output.to_tuple()
 
     @torch.no_grad()
     def generate(
         self,
-        input_ids: torch.LongTensor,
         input_features: torch.FloatTensor | None = None,
+        input_ids: torch.LongTensor | None = None,
         feature_attention_mask: torch.LongTensor | None = None,
         language_ids: torch.LongTensor | None = None,
         attention_mask: torch.LongTensor | None = None,
