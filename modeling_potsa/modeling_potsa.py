@@ -17,15 +17,19 @@ from __future__ import annotations
 
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, Blip2QFormerModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.dynamic_module_utils import get_relative_import_files
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions, ModelOutput
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
@@ -210,6 +214,23 @@ def _mark_initialized(module: nn.Module) -> None:
         submodule._is_hf_initialized = True
 
 
+def _checkpoint_in_eval_mode(
+    layer: nn.Module, checkpoint_function: Callable, layer_forward: Callable, *inputs: Any
+) -> Any:
+    """`checkpoint_function(layer_forward, *inputs)` with `layer` in eval mode while it computes, in the forward
+    pass and in the backward pass's recomputation. A frozen layer carries the training flag only so that
+    transformers checkpoints it; some layers (OPT's, Falcon's) read that flag for dropout themselves."""
+
+    def forward_in_eval_mode(*args: Any) -> Any:
+        training, layer.training = layer.training, False
+        try:
+            return layer_forward(*args)
+        finally:
+            layer.training = training
+
+    return checkpoint_function(forward_in_eval_mode, *inputs)
+
+
 class PotsaForSpeechTranslation(PotsaPreTrainedModel):
     """POTSA: speech in any configured language -> text in `config.target_language`.
 
@@ -264,11 +285,40 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
 
     def train(self, mode: bool = True) -> PotsaForSpeechTranslation:
         """Training mode for the connector only: the frozen encoder and LLM stay in eval mode (no dropout, no layer
-        drop), so their outputs match a cache and the paper's frozen setup; LoRA adapters, if any, train."""
+        drop), so their outputs match a cache and the paper's frozen setup; LoRA adapters, if any, train.
+
+        transformers checkpoints a layer only in training mode, and the loss gradient must cross the frozen LLM to
+        reach the soft prompt: with gradient checkpointing on, the frozen LLM's checkpointed layers carry the
+        training flag themselves (nothing below them does), and their checkpoint function computes them in eval
+        mode (see `_set_gradient_checkpointing`)."""
         super().train(mode)
         self.speech_encoder.eval()
         self.language_model.train(mode and self.config.use_lora)
+        for layer in self._checkpointed_frozen_llm_layers():
+            layer.training = mode
         return self
+
+    def _checkpointed_frozen_llm_layers(self) -> list[GradientCheckpointingLayer]:
+        """The frozen LLM's layers that gradient checkpointing recomputes (none with LoRA: that LLM trains)."""
+        if self.config.use_lora:
+            return []
+        return [
+            layer
+            for layer in self.language_model.modules()
+            if isinstance(layer, GradientCheckpointingLayer) and layer.gradient_checkpointing
+        ]
+
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func: Callable = checkpoint, every_n_layers: int = 1
+    ) -> None:
+        """Checkpoint the frozen LLM's layers too, computed in eval mode: the LLM keeps every activation of the
+        backward pass otherwise, by far the largest share of training memory (benchmarks/memory_estimate.py).
+        transformers' default, non-reentrant checkpointing suits it: the LLM's inputs are its only tensors that
+        need a gradient."""
+        super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
+        for layer in self._checkpointed_frozen_llm_layers():
+            layer._gradient_checkpointing_func = partial(_checkpoint_in_eval_mode, layer, gradient_checkpointing_func)
+        self.train(self.training)
 
     def _add_lora(self, language_model: nn.Module) -> nn.Module:
         """LoRA adapters on the LLM modules named in `config.lora_target_modules`. The default (q_proj, k_proj, v_proj,
@@ -614,6 +664,7 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             labels=labels if has_targets else None,
+            use_cache=False,  # one pass over the whole sequence: a KV cache would only hold memory
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             **(llm_kwargs if has_targets else {}),

@@ -1,6 +1,6 @@
 """PotsaForSpeechTranslation as transformers' common model tests see it: the main input comes first, the standard
-outputs (hidden states, attentions, tuples) exist, eager and SDPA attention agree, and weights initialise correctly
-however the model is built."""
+outputs (hidden states, attentions, tuples) exist, eager and SDPA attention agree, gradient checkpointing reaches
+the frozen LLM, and weights initialise correctly however the model is built."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import inspect
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.whisper.modeling_whisper import sinusoids
 
-from modeling_potsa import PotsaForSpeechTranslation
+from modeling_potsa import PotsaConfig, PotsaForSpeechTranslation
 
 from .conftest import SAMPLING_RATE, synthetic_audio
 
@@ -132,6 +133,85 @@ def test_eager_and_sdpa_attention_give_the_same_logits(tiny_model, eager_model, 
 def test_attentions_need_eager_attention(tiny_model, batch):
     with pytest.raises(ValueError, match="needs eager attention.*'sdpa'"):
         tiny_model(**batch, output_attentions=True)
+
+
+# ------------------------------------------------------------------------------------------ gradient checkpointing
+@pytest.fixture(scope="module")
+def opt_model(tiny_model):
+    """The tiny model over an OPT LLM with heavy dropout, whose decoder layers apply dropout themselves (reading
+    their own training flag), and a Q-Former without dropout: in training mode it must compute exactly as in eval
+    mode, since only the Q-Former trains."""
+    config = tiny_model.config
+    text = config.text_config
+    opt = {
+        "model_type": "opt", "vocab_size": text.vocab_size, "hidden_size": 32, "word_embed_proj_dim": 32,
+        "ffn_dim": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 512,
+        "dropout": 0.5, "attention_dropout": 0.5, "pad_token_id": text.pad_token_id, "eos_token_id": text.eos_token_id,
+    }  # fmt: skip
+    qformer = {**config.qformer_config.to_dict(), "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    torch.manual_seed(0)
+    config = PotsaConfig(**{**config.to_dict(), "text_config": opt, "qformer_config": qformer})
+    return PotsaForSpeechTranslation(config).eval()
+
+
+def _training_step(model, batch):
+    """One forward + backward; how often each checkpointable layer of the LLM and the Q-Former computed (the hook
+    sits on a layer's first sub-module: checkpointing recomputes a layer's `forward`, not its hooked call)."""
+    calls = {"language_model": 0, "qformer": 0}
+
+    def counter(part):
+        return lambda *_: calls.__setitem__(part, calls[part] + 1)
+
+    hooks = [
+        next(layer.children()).register_forward_hook(counter(part))
+        for part in calls
+        for layer in getattr(model, part).modules()
+        if isinstance(layer, GradientCheckpointingLayer)
+    ]
+    output = model(**batch)
+    output.loss.backward()
+    for hook in hooks:
+        hook.remove()
+    gradients = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    return output.logits.detach(), gradients, calls
+
+
+@pytest.mark.parametrize("llm", ["opt", "qwen2"])
+def test_gradient_checkpointing_recomputes_the_frozen_llm_in_eval_mode(llm, opt_model, tiny_model, batch):
+    model = opt_model if llm == "opt" else tiny_model
+    eval_logits = model(**batch).logits
+    plain = copy.deepcopy(model).train()
+    checkpointed = copy.deepcopy(model)
+    checkpointed.activation_checkpointing_enable()
+    checkpointed.train()
+    layers = {"language_model": model.config.text_config.num_hidden_layers, "qformer": model.config.num_qformer_layers}
+
+    torch.manual_seed(1)
+    plain_logits, plain_gradients, plain_calls = _training_step(plain, batch)
+    torch.manual_seed(1)
+    logits, gradients, calls = _training_step(checkpointed, batch)
+    assert plain_calls == layers  # each layer once
+    assert calls == {part: 2 * count for part, count in layers.items()}  # and once more in the backward pass
+    if llm == "opt":  # nothing trains with dropout: training mode computes as eval mode does
+        torch.testing.assert_close(plain_logits, eval_logits, rtol=0, atol=0)
+    torch.testing.assert_close(logits, plain_logits, rtol=0, atol=0)
+    assert gradients.keys() == plain_gradients.keys()
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(gradient, plain_gradients[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_gradient_checkpointing_leaves_the_frozen_llm_in_eval_mode(opt_model):
+    model = copy.deepcopy(opt_model)
+    model.activation_checkpointing_enable()
+    layers = model.language_model.model.decoder.layers
+    model.train()
+    assert all(layer.training for layer in layers)  # the flag transformers checkpoints by, on the layer alone
+    assert not any(module.training for layer in layers for module in layer.modules() if module is not layer)
+    model.eval()
+    assert not any(module.training for module in model.modules())
+    model.train()
+    model.activation_checkpointing_disable()
+    assert model.qformer.training and not any(module.training for module in model.language_model.modules())
 
 
 # -------------------------------------------------------------------------------------------------- initialisation
