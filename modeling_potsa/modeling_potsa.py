@@ -593,7 +593,7 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
             qformer_hidden_states=qformer_output.hidden_states,
             pooled_speech=masked_time_mean(frames, frame_mask),
             qformer_attentions=_self_attentions(qformer_output) if output_attentions else None,
-            qformer_cross_attentions=qformer_output.cross_attentions if output_attentions else None,
+            qformer_cross_attentions=qformer_output.cross_attentions,
         )
 
     # -------------------------------------------------------------------------------------------------- interfaces
@@ -676,8 +676,8 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
         output = PotsaOutput(
             loss=loss,
             logits=llm_output.logits,
-            hidden_states=llm_output.hidden_states if output_hidden_states else None,
-            attentions=llm_output.attentions if output_attentions else None,
+            hidden_states=llm_output.hidden_states,  # None unless asked for
+            attentions=llm_output.attentions,
             qformer_hidden_states=(
                 speech.qformer_hidden_states if output_qformer_hidden_states or output_hidden_states else None
             ),

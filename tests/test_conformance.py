@@ -84,7 +84,8 @@ def test_hidden_states_and_attentions_of_the_llm_and_the_q_former(eager_model, b
     assert not frame_mask.all() and (output.qformer_cross_attentions[-1][0][..., ~frame_mask] == 0).all()
 
     plain = eager_model(**batch)
-    assert plain.hidden_states is plain.attentions is plain.qformer_attentions is plain.qformer_hidden_states is None
+    assert plain.hidden_states is plain.attentions is plain.qformer_hidden_states is None
+    assert plain.qformer_attentions is plain.qformer_cross_attentions is None
 
 
 def test_outputs_default_to_the_config(eager_model, batch):
