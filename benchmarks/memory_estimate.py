@@ -1,31 +1,38 @@
-"""GPU memory a real-size POTSA stage needs, per GPU, with the frozen encoder cached and not.
+"""GPU memory a real-size POTSA stage needs, per GPU, with the frozen encoder cached and not, with and without
+gradient checkpointing.
 
     python -m benchmarks.memory_estimate [--batch-size 8] [--frames 1500]
 
 Nothing here needs a GPU or a download. Parameters are counted on the meta device (training/configs/model_paper.yaml).
-Activations are *measured*: one real-width Qwen2.5-7B decoder layer, the LM head and the real-size Q-Former run
-forward in bfloat16 on the CPU, frozen exactly as in training (gradients flow through the frozen LLM to the soft
-prompt), while `torch.autograd.graph.saved_tensors_hooks` adds up the bytes autograd keeps for the backward pass.
-The LLM's 28 layers are identical, so one layer times 28 is exact for the layer stack. Results go to
-benchmarks/results/memory_estimate.md.
+Activations are *measured* through the model itself: `PotsaForSpeechTranslation` at real width (Qwen2.5-7B's decoder
+layers, embeddings and LM head in bfloat16, the real-size Q-Former and projector in float32), cut to two LLM layers,
+runs one training forward on the CPU with labels, exactly as a training step does (cached encoder frames in,
+`model.train()`: the LLM frozen in eval mode, gradients flowing through it to the soft prompt), once as is and once
+after `model.activation_checkpointing_enable()`, while `torch.autograd.graph.saved_tensors_hooks` adds up the bytes
+autograd keeps for the backward pass, by the module that first saves them. The LLM's 28 layers are identical, so
+the first layer (which also holds what all layers share) plus 27 times the second is exact for the layer stack.
+Every activation is per utterance (rows are padded to one length), so one utterance is measured and multiplied by
+the batch. Results go to benchmarks/results/memory_estimate.md.
 
-What is left out (say so rather than guess): allocator fragmentation and CUDA context (~1-2 GiB per GPU), the
-transient peak of one layer's backward, and DeepSpeed/FSDP sharding (ZeRO-2 divides the optimizer states and
+What is left out (say so rather than guess): allocator fragmentation and CUDA context (~1-2 GiB per GPU), gradient
+buffers that live only during the backward pass, and DeepSpeed/FSDP sharding (ZeRO-2 divides the optimizer states and
 gradients of the 85 M trainable parameters by the number of GPUs; they are a small share here).
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import copy
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
-from transformers import Blip2QFormerModel
-from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
+from transformers import AutoModelForCausalLM
 
 from modeling_potsa import PotsaConfig, PotsaForSpeechTranslation
+from modeling_potsa.configuration_potsa import IGNORE_INDEX
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,55 +45,95 @@ TRAINABLE_BYTES = 4 + 4 + 8
 # utterance, since a batch is padded to its longest row.
 PROMPT_TOKENS = 40 + 80
 TARGET_TOKENS = 96
+MEASURED_LLM_LAYERS = 2  # the first layer holds what all layers share; the second is every further layer
 
 
-def saved_bytes(module: torch.nn.Module, run: Callable[[], torch.Tensor]) -> int:
-    """Bytes of the distinct tensors autograd saves for backward while `run` builds its graph, less `module`'s own
-    weights (saved for the input gradient, but already counted as weights)."""
-    weights = {parameter.untyped_storage().data_ptr() for parameter in module.parameters()}
-    seen: dict[int, int] = {}
+def saved_bytes_by_part(
+    model: torch.nn.Module, parts: Mapping[str, torch.nn.Module], run: Callable[[], object]
+) -> dict[str, int]:
+    """Bytes of the distinct tensors autograd saves for backward while `run` builds its graph, less the model's own
+    weights (saved for the input gradient, but already counted as weights), by the part of `parts` running when a
+    tensor is first saved ("rest" outside them). Under non-reentrant checkpointing a checkpointed layer's inner
+    tensors go to the checkpoint's own hooks, and only the inputs it keeps for the recomputation reach these."""
+    weights = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
+    running = ["rest"]
+    first_saved_in: dict[int, tuple[str, int]] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in weights:
-            seen[storage.data_ptr()] = storage.nbytes()
+            first_saved_in.setdefault(storage.data_ptr(), (running[0], storage.nbytes()))
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        output = run()
-    del output
-    return sum(seen.values())
+    hooks = []
+    for name, module in parts.items():
+        hooks.append(module.register_forward_pre_hook(lambda *_, name=name: running.__setitem__(0, name)))
+        hooks.append(module.register_forward_hook(lambda *_: running.__setitem__(0, "rest")))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            output = run()
+        del output
+    finally:
+        for hook in hooks:
+            hook.remove()
+    totals = dict.fromkeys([*parts, "rest"], 0)
+    for part, nbytes in first_saved_in.values():
+        totals[part] += nbytes
+    return totals
 
 
-def llm_layer_bytes_per_token(config: PotsaConfig, tokens: int) -> float:
-    """Saved activations of one frozen decoder layer of the LLM, per token (input requires grad: the soft prompt)."""
-    text_config = config.text_config
-    text_config._attn_implementation = "sdpa"  # what training uses: no (S x S) attention matrix is kept
-    layer = Qwen2DecoderLayer(text_config, layer_idx=0).to(torch.bfloat16).requires_grad_(False)
-    rotary = Qwen2RotaryEmbedding(text_config)
-    hidden = torch.randn(1, tokens, text_config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
-    positions = torch.arange(tokens).unsqueeze(0)
-    cos, sin = rotary(hidden, positions)
-    mask = torch.full((tokens, tokens), float("-inf")).triu(1)[None, None].to(torch.bfloat16)
-    total = saved_bytes(layer, lambda: layer(hidden, attention_mask=mask, position_embeddings=(cos, sin))[0])
-    return total / tokens
+@dataclass(frozen=True)
+class UtteranceActivations:
+    """Bytes autograd keeps for the backward pass of one utterance, by part of the model."""
+
+    first_llm_layer: int  # with what every layer shares (attention mask, rotary tables)
+    llm_layer: int  # every further decoder layer
+    llm_rest: int  # merged input embeddings, final norm, LM head and the loss (its float32 log-probabilities)
+    connector: int  # Q-Former and projector (float32, trainable)
+
+    def llm(self, layers: int) -> int:
+        return self.first_llm_layer + (layers - 1) * self.llm_layer + self.llm_rest
 
 
-def lm_head_bytes_per_token(config: PotsaConfig) -> float:
-    """The LM head's logits (bf16) and the float32 copy the cross-entropy takes, per token."""
-    vocab = config.text_config.vocab_size
-    return vocab * (BF16 + 4)
-
-
-def qformer_bytes(config: PotsaConfig, batch_size: int, frames: int) -> int:
-    """Saved activations of the real-size Q-Former (trainable, float32) for one batch of `frames` encoder frames."""
-    qformer = Blip2QFormerModel(config.qformer_config)
-    queries = torch.randn(batch_size, config.num_query_tokens, config.qformer_config.hidden_size, requires_grad=True)
-    encoder_states = torch.randn(batch_size, frames, config.encoder_hidden_size)
-    mask = torch.ones(batch_size, frames, dtype=torch.long)
-    return saved_bytes(
-        qformer, lambda: qformer(query_embeds=queries, encoder_hidden_states=encoder_states, encoder_attention_mask=mask)[0]
-    )
+def measure_utterance(config: PotsaConfig, frames: int) -> dict[bool, UtteranceActivations]:
+    """One training forward of one utterance through a real-width, two-layer POTSA, without and with gradient
+    checkpointing -> {checkpointing: activations}."""
+    config = copy.deepcopy(config)
+    config.text_config.num_hidden_layers = MEASURED_LLM_LAYERS
+    config.text_config._attn_implementation = "sdpa"  # what training uses: no (S x S) attention matrix is kept
+    config.encoder_config.encoder_layers = 1  # unused: the encoder is cached, its frames come in
+    config.speech_token_id = config.text_config.vocab_size - 1
+    torch.manual_seed(0)
+    language_model = AutoModelForCausalLM.from_config(config.text_config, dtype=torch.bfloat16)
+    model = PotsaForSpeechTranslation(config, language_model=language_model)  # the connector stays float32
+    tokens = PROMPT_TOKENS + TARGET_TOKENS
+    input_ids = torch.randint(0, config.speech_token_id, (1, tokens))
+    input_ids[0, 40:PROMPT_TOKENS] = config.speech_token_id
+    labels = input_ids.clone()
+    labels[0, :PROMPT_TOKENS] = IGNORE_INDEX
+    batch = {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": torch.ones_like(input_ids),
+        "encoder_hidden_states": torch.randn(1, frames, config.encoder_hidden_size),
+        "encoder_attention_mask": torch.ones(1, frames, dtype=torch.long),
+        "language_ids": torch.zeros(1, dtype=torch.long),
+    }
+    layers = model.language_model.model.layers
+    parts = {"first": layers[0], "layer": layers[1], "qformer": model.qformer, "projector": model.projector}
+    measured = {}
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model.train()
+        saved = saved_bytes_by_part(model, parts, lambda: model(**batch).loss)
+        measured[checkpointing] = UtteranceActivations(
+            first_llm_layer=saved["first"],
+            llm_layer=saved["layer"],
+            llm_rest=saved["rest"],
+            connector=saved["qformer"] + saved["projector"],
+        )
+    return measured
 
 
 def table(batch_size: int, frames: int) -> str:
@@ -94,11 +141,9 @@ def table(batch_size: int, frames: int) -> str:
     config = PotsaConfig(**settings)
     with torch.device("meta"):
         counts = PotsaForSpeechTranslation(config).num_parameters_by_part()
-    torch.manual_seed(0)
-    per_token_layer = llm_layer_bytes_per_token(config, tokens=PROMPT_TOKENS + TARGET_TOKENS)
-    per_token_head = lm_head_bytes_per_token(config)
-    hidden_bytes = config.text_config.hidden_size * BF16
-    qformer_by_batch = {batch: qformer_bytes(config, batch, frames) for batch in {batch_size, max(batch_size // 2, 1)}}
+    measured = measure_utterance(config, frames)
+    plain, checkpointed = measured[False], measured[True]
+    tokens = PROMPT_TOKENS + TARGET_TOKENS
     encoder_weights = counts["speech_encoder"] * BF16
     llm_weights = counts["language_model"] * BF16
     trainable = counts["trainable"] * TRAINABLE_BYTES
@@ -111,23 +156,29 @@ def table(batch_size: int, frames: int) -> str:
         f"encoder frames (a 30 s window), {PROMPT_TOKENS} prompt tokens (chat template + 80 soft tokens) + "
         f"{TARGET_TOKENS} target tokens, SDPA attention. The three stage configs share these settings (batch 8 per "
         "GPU, bf16); stage 3 adds the OT loss, whose 16 pairs of 80 x 80 tokens cost a few MiB "
-        "(benchmarks/results/bench_ot.md). Activations are measured from the bytes autograd saves: "
-        f"{per_token_layer / 2**10:.0f} KiB per token per LLM layer, {per_token_head / 2**10:.0f} KiB per token for "
-        "the LM head's logits (bf16 + the float32 copy of the loss), the Q-Former's for the batch. The encoder runs "
-        "under no_grad (frozen, before the first trainable module): only its weights count, and with the encoder "
-        "cache (`encoder_cache_dir`) it is not on the GPU at all.",
+        "(benchmarks/results/bench_ot.md). Activations are measured from the bytes autograd saves in one training "
+        "forward through the model (real width, two LLM layers, per utterance). Without checkpointing: "
+        f"{plain.llm_layer / tokens / 2**10:.0f} KiB per token per LLM layer, "
+        f"{plain.llm_rest / tokens / 2**10:.0f} KiB per token for the rest of the LLM (mostly the float32 "
+        "log-probabilities over the vocabulary that the loss keeps), the Q-Former's for the batch. With "
+        "`model.activation_checkpointing_enable()` (`activation_checkpointing: true` in a stage config), every "
+        "layer of the Q-Former and of the frozen LLM keeps only its input "
+        f"({checkpointed.llm_layer / tokens / 2**10:.0f} KiB per token per LLM layer) and is recomputed in the "
+        "backward pass, one layer at a time: the column adds the activations of that one recomputed LLM layer. "
+        "The encoder runs under no_grad (frozen, before the first trainable module): only its weights count, and "
+        "with the encoder cache (`encoder_cache_dir`) it is not on the GPU at all.",
         "",
-        "| per-GPU batch | LLM gradient checkpointing | frozen LLM (GiB) | encoder, if not cached (GiB) | trainable + "
+        "| per-GPU batch | gradient checkpointing | frozen LLM (GiB) | encoder, if not cached (GiB) | trainable + "
         "AdamW (GiB) | LLM activations (GiB) | Q-Former activations (GiB) | total, encoder cached (GiB) | total, not "
         "cached (GiB) |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for batch, checkpointing in ((batch_size, False), (batch_size, True), (max(batch_size // 2, 1), False)):
-        tokens = batch * (PROMPT_TOKENS + TARGET_TOKENS)
-        # With checkpointing each layer keeps only its input (bf16 hidden state) and one layer is recomputed.
-        stack = hidden_bytes * layers + per_token_layer if checkpointing else per_token_layer * layers
-        llm_activations = tokens * (stack + per_token_head)
-        qformer = qformer_by_batch[batch]
+    half = max(batch_size // 2, 1)
+    for batch, checkpointing in ((batch_size, False), (batch_size, True), (half, False), (half, True)):
+        activations = measured[checkpointing]
+        recomputed = plain.llm_layer if checkpointing else 0  # the one layer the backward pass recomputes
+        llm_activations = batch * (activations.llm(layers) + recomputed)
+        qformer = batch * activations.connector
         cached = llm_weights + trainable + llm_activations + qformer
         lines.append(
             f"| {batch} | {'yes' if checkpointing else 'no'} | {llm_weights / GIB:.1f} | {encoder_weights / GIB:.1f} | "
@@ -136,7 +187,8 @@ def table(batch_size: int, frames: int) -> str:
         )
     lines += [
         "",
-        "Not included: CUDA context and allocator overhead (1-2 GiB), the transient peak of one layer's backward.",
+        "Not included: CUDA context and allocator overhead (1-2 GiB), gradient buffers that live only during the "
+        "backward pass.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -17,16 +17,20 @@ from __future__ import annotations
 
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, Blip2QFormerModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.dynamic_module_utils import get_relative_import_files
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions, ModelOutput
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
 
@@ -45,16 +49,33 @@ class PotsaOutput(ModelOutput):
             Cross-entropy on target tokens (labels != -100), when `labels` is given.
         logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
             LLM logits over the merged sequence (prompt, soft prompt, target).
-        qformer_hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states=True`):
+            The LLM's: its input embeddings (index 0, the soft prompt merged in) and each decoder layer's output,
+            `num_hidden_layers + 1` tensors of shape `(batch_size, sequence_length, llm_hidden_size)`.
+        attentions (`tuple(torch.FloatTensor)`, *optional*, returned with `output_attentions=True`):
+            The LLM's self-attention weights, one `(batch_size, num_heads, sequence_length, sequence_length)` tensor
+            per decoder layer.
+        qformer_hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states=True` or
+            `output_qformer_hidden_states=True`):
             `num_qformer_layers + 1` tensors of shape `(batch_size, num_query_tokens, qformer_hidden_size)`: the
             query embeddings (index 0) and each block's output (index l = layer l, what the OT loss aligns).
+        qformer_attentions (`tuple(torch.FloatTensor)`, *optional*, returned with `output_attentions=True`):
+            Self-attention weights among the queries, one `(batch_size, num_heads, num_query_tokens,
+            num_query_tokens)` tensor per Q-Former layer.
+        qformer_cross_attentions (`tuple(torch.FloatTensor)`, *optional*, returned with `output_attentions=True`):
+            Cross-attention weights of the queries over the encoder frames, one `(batch_size, num_heads,
+            num_query_tokens, frames)` tensor per Q-Former layer with cross-attention.
         pooled_speech (`torch.FloatTensor` of shape `(batch_size, encoder_hidden_size)`, *optional*):
             Encoder frames averaged over valid frames *before* bias compensation (bias estimation, language id).
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
     qformer_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    qformer_attentions: tuple[torch.FloatTensor, ...] | None = None
+    qformer_cross_attentions: tuple[torch.FloatTensor, ...] | None = None
     pooled_speech: torch.FloatTensor | None = None
 
 
@@ -69,11 +90,15 @@ class PotsaSpeechOutput(ModelOutput):
             qformer_hidden_size)`.
         pooled_speech (`torch.FloatTensor` of shape `(batch_size, encoder_hidden_size)`):
             Encoder frames averaged over valid frames, before bias compensation.
+        qformer_attentions / qformer_cross_attentions (`tuple(torch.FloatTensor)`, *optional*):
+            The Q-Former's attention weights, with `output_attentions=True` (see `PotsaOutput`).
     """
 
     soft_prompt: torch.FloatTensor | None = None
     qformer_hidden_states: tuple[torch.FloatTensor, ...] | None = None
     pooled_speech: torch.FloatTensor | None = None
+    qformer_attentions: tuple[torch.FloatTensor, ...] | None = None
+    qformer_cross_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 class PotsaProjector(nn.Module):
@@ -104,11 +129,26 @@ class PotsaPreTrainedModel(PreTrainedModel):
     # The trained connector stays in float32 whatever dtype the frozen encoder / LLM are loaded in (as BLIP-2 does).
     _keep_in_fp32_modules_strict = ["query_tokens", "bias_compensation", "qformer", "projector"]
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """POTSA initialises every tensor through `transformers.initialization`, which leaves loaded tensors alone,
+        so it opts out of the guard transformers adds for custom code that writes weights in place. That guard
+        takes a module without parameters of its own for initialised and skips it, and with it the sub-models' own
+        init of such modules: Whisper's encoder, whose sinusoidal position table would stay uninitialised memory
+        on meta-device construction or when a checkpoint lacks it."""
+        return False
+
     def _init_weights(self, module: nn.Module) -> None:
-        """Initialise POTSA's own parameters; the encoder, Q-Former and LLM sub-models initialise themselves."""
+        """Initialise POTSA's own parameters; the encoder, Q-Former and LLM sub-models initialise themselves.
+
+        The model itself comes last (`initialize_weights` visits children first), so the projector's LayerNorm gain,
+        which depends on the LLM's embeddings, is set once those are initialised or loaded."""
         std = self.config.qformer_config.initializer_range
         if isinstance(module, PotsaForSpeechTranslation):
             init.normal_(module.query_tokens, mean=0.0, std=std)
+            embeddings = module.get_input_embeddings().weight
+            if not embeddings.is_meta:  # on the meta device there is nothing to read yet, nor to write
+                init.constant_(module.projector.layer_norm.weight, _root_mean_square(embeddings))
         elif isinstance(module, LanguageBiasCompensation):
             module.reset_parameters()
         elif isinstance(module, nn.Linear):
@@ -116,19 +156,15 @@ class PotsaPreTrainedModel(PreTrainedModel):
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm):
-            init.constant_(module.weight, self._soft_prompt_scale() if self._is_projector_norm(module) else 1.0)
+            init.ones_(module.weight)
             init.zeros_(module.bias)
 
-    def _is_projector_norm(self, module: nn.Module) -> bool:
-        projector = getattr(self, "projector", None)
-        return projector is not None and module is projector.layer_norm
 
-    def _soft_prompt_scale(self) -> float:
-        """RMS of the LLM's own token embeddings: where the projector's LayerNorm gain starts. A unit-scale output
-        is ~50x larger than Qwen's embeddings, and the frozen LLM only learns to read the soft prompt after
-        hundreds of steps of shrinking the gain (on the meta device the checkpoint supplies the value)."""
-        embeddings = self.get_input_embeddings().weight
-        return 1.0 if embeddings.is_meta else embeddings.detach().float().pow(2).mean().sqrt().item()
+def _root_mean_square(embeddings: torch.Tensor) -> float:
+    """RMS of the LLM's own token embeddings: where the projector's LayerNorm gain starts. A unit-scale output is
+    ~50x larger than Qwen's embeddings, and the frozen LLM only learns to read the soft prompt after hundreds of steps
+    of shrinking the gain."""
+    return embeddings.detach().float().pow(2).mean().sqrt().item()
 
 
 # What must agree between the POTSA config and a base model loaded from its id (fields a model lacks are None).
@@ -154,10 +190,45 @@ def _check_same_architecture(name: str, expected: Any, loaded: Any, fields: tupl
             )
 
 
+def _require_eager_attention(model: PreTrainedModel, name: str) -> None:
+    """Only eager attention computes attention weights; the others would return none, without an error."""
+    implementation = model.config._attn_implementation
+    if implementation != "eager":
+        raise ValueError(
+            f"`output_attentions=True` needs eager attention, but the {name} uses {implementation!r}: load the model "
+            'with `attn_implementation="eager"` or call `model.set_attn_implementation("eager")`.'
+        )
+
+
+def _self_attentions(qformer_output: BaseModelOutputWithPoolingAndCrossAttentions) -> tuple[torch.Tensor, ...]:
+    """The Q-Former's self-attention weights. `Blip2QFormerModel` records its cross-attention weights among its
+    `attentions` too (the pattern that picks its `.attention` modules also matches `.crossattention.attention`), so
+    drop those, by identity: the same tensors are its `cross_attentions`."""
+    cross = {id(weights) for weights in qformer_output.cross_attentions}
+    return tuple(weights for weights in qformer_output.attentions if id(weights) not in cross)
+
+
 def _mark_initialized(module: nn.Module) -> None:
     """Pretrained sub-models must survive `post_init`, which would otherwise re-initialise every weight."""
     for submodule in module.modules():
         submodule._is_hf_initialized = True
+
+
+def _checkpoint_in_eval_mode(
+    layer: nn.Module, checkpoint_function: Callable, layer_forward: Callable, *inputs: Any
+) -> Any:
+    """`checkpoint_function(layer_forward, *inputs)` with `layer` in eval mode while it computes, in the forward
+    pass and in the backward pass's recomputation. A frozen layer carries the training flag only so that
+    transformers checkpoints it; some layers (OPT's, Falcon's) read that flag for dropout themselves."""
+
+    def forward_in_eval_mode(*args: Any) -> Any:
+        training, layer.training = layer.training, False
+        try:
+            return layer_forward(*args)
+        finally:
+            layer.training = training
+
+    return checkpoint_function(forward_in_eval_mode, *inputs)
 
 
 class PotsaForSpeechTranslation(PotsaPreTrainedModel):
@@ -214,11 +285,40 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
 
     def train(self, mode: bool = True) -> PotsaForSpeechTranslation:
         """Training mode for the connector only: the frozen encoder and LLM stay in eval mode (no dropout, no layer
-        drop), so their outputs match a cache and the paper's frozen setup; LoRA adapters, if any, train."""
+        drop), so their outputs match a cache and the paper's frozen setup; LoRA adapters, if any, train.
+
+        transformers checkpoints a layer only in training mode, and the loss gradient must cross the frozen LLM to
+        reach the soft prompt: with gradient checkpointing on, the frozen LLM's checkpointed layers carry the
+        training flag themselves (nothing below them does), and their checkpoint function computes them in eval
+        mode (see `_set_gradient_checkpointing`)."""
         super().train(mode)
         self.speech_encoder.eval()
         self.language_model.train(mode and self.config.use_lora)
+        for layer in self._checkpointed_frozen_llm_layers():
+            layer.training = mode
         return self
+
+    def _checkpointed_frozen_llm_layers(self) -> list[GradientCheckpointingLayer]:
+        """The frozen LLM's layers that gradient checkpointing recomputes (none with LoRA: that LLM trains)."""
+        if self.config.use_lora:
+            return []
+        return [
+            layer
+            for layer in self.language_model.modules()
+            if isinstance(layer, GradientCheckpointingLayer) and layer.gradient_checkpointing
+        ]
+
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func: Callable = checkpoint, every_n_layers: int = 1
+    ) -> None:
+        """Checkpoint the frozen LLM's layers too, computed in eval mode: the LLM keeps every activation of the
+        backward pass otherwise, by far the largest share of training memory (benchmarks/memory_estimate.py).
+        transformers' default, non-reentrant checkpointing suits it: the LLM's inputs are its only tensors that
+        need a gradient."""
+        super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
+        for layer in self._checkpointed_frozen_llm_layers():
+            layer._gradient_checkpointing_func = partial(_checkpoint_in_eval_mode, layer, gradient_checkpointing_func)
+        self.train(self.training)
 
     def _add_lora(self, language_model: nn.Module) -> nn.Module:
         """LoRA adapters on the LLM modules named in `config.lora_target_modules`. The default (q_proj, k_proj, v_proj,
@@ -285,26 +385,26 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
             hub_keys = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
             hub_kwargs = {key: kwargs[key] for key in hub_keys if key in kwargs}
             config = PotsaConfig.from_pretrained(config or pretrained_model_name_or_path, **hub_kwargs)
-        if config.base_weights_in_checkpoint or not (config.encoder_model_id and config.text_model_id):
-            model = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
-            model.freeze_base_models()  # loaded tensors come back as fresh, trainable parameters
-            return model
-        base_keys = ("dtype", "cache_dir", "local_files_only", "token", "attn_implementation")
-        base_models = cls._load_base_models(config, **{key: kwargs[key] for key in base_keys if key in kwargs})
-        kwargs["speech_encoder"], kwargs["language_model"] = base_models
-        # Loading re-creates every non-persistent buffer (e.g. rotary frequencies) as if it were new; the base
-        # models already hold the right values, so put them back afterwards.
-        buffers = [
-            (module, name, buffer.clone())
-            for base_model in base_models
-            for module in base_model.modules()
-            for name, buffer in module.named_buffers(recurse=False)
-            if name in module._non_persistent_buffers_set
-        ]
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+        buffers = []
+        if not config.base_weights_in_checkpoint and config.encoder_model_id and config.text_model_id:
+            base_keys = ("dtype", "cache_dir", "local_files_only", "token", "attn_implementation")
+            base_models = cls._load_base_models(config, **{key: kwargs[key] for key in base_keys if key in kwargs})
+            kwargs["speech_encoder"], kwargs["language_model"] = base_models
+            # Loading re-creates every non-persistent buffer (e.g. rotary frequencies) as if it were new; the base
+            # models already hold the right values, so put them back afterwards.
+            buffers = [
+                (module, name, buffer.clone())
+                for base_model in base_models
+                for module in base_model.modules()
+                for name, buffer in module.named_buffers(recurse=False)
+                if name in module._non_persistent_buffers_set
+            ]
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+        model = loaded[0] if kwargs.get("output_loading_info") else loaded  # (model, loading_info) when asked
+        model.freeze_base_models()  # bundled base weights come back as fresh, trainable parameters
         for module, name, buffer in buffers:
             module.register_buffer(name, buffer.to(getattr(module, name).device), persistent=False)
-        return model
+        return loaded
 
     def _external_weight_prefixes(self) -> tuple[str, ...]:
         """State-dict prefixes whose frozen weights are reloaded from a base model id rather than stored."""
@@ -422,9 +522,14 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
         return self.speech_encoder_family.encode(self.speech_encoder, input_features, feature_attention_mask)
 
     def speech_to_soft_prompt(
-        self, frames: torch.Tensor, frame_mask: torch.Tensor, language_ids: torch.Tensor | None
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """Encoder frames -> (soft prompt (B, Q, d_llm), Q-Former hidden states per layer)."""
+        self,
+        frames: torch.Tensor,
+        frame_mask: torch.Tensor,
+        language_ids: torch.Tensor | None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, BaseModelOutputWithPoolingAndCrossAttentions]:
+        """Encoder frames -> (soft prompt (B, Q, d_llm), the Q-Former's output with its hidden states per layer and,
+        with `output_attentions`, its attention weights)."""
         if self.config.use_bias_compensation:
             if language_ids is None:
                 raise ValueError(
@@ -438,12 +543,17 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
             encoder_hidden_states=frames,
             encoder_attention_mask=frame_mask.long(),
             output_hidden_states=True,
+            output_attentions=output_attentions,
         )
         soft_prompt = self.projector(qformer_output.last_hidden_state)
-        return soft_prompt, qformer_output.hidden_states
+        return soft_prompt, qformer_output
 
-    def _merge_soft_prompt(self, input_ids: torch.Tensor, soft_prompt: torch.Tensor) -> torch.Tensor:
+    def _merge_soft_prompt(self, input_ids: torch.Tensor | None, soft_prompt: torch.Tensor) -> torch.Tensor:
         """Embed `input_ids` and write the soft prompt over the speech-token placeholders, row by row."""
+        if input_ids is None:
+            raise ValueError(
+                "`input_ids` are required: the prompt with its speech placeholders, from `PotsaProcessor`."
+            )
         speech_token_id = self.config.speech_token_id
         if speech_token_id is None:
             raise ValueError(
@@ -468,6 +578,7 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
         language_ids: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
     ) -> PotsaSpeechOutput:
         """Speech -> soft prompt, without the LLM: features (or cached encoder frames) through bias compensation,
         Q-Former and projector. What alignment metrics, bias estimation and language detection need."""
@@ -485,14 +596,22 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
                 if encoder_attention_mask is None
                 else encoder_attention_mask.bool()
             )
-        soft_prompt, qformer_states = self.speech_to_soft_prompt(frames, frame_mask, language_ids)
-        return PotsaSpeechOutput(soft_prompt, qformer_states, masked_time_mean(frames, frame_mask))
+        if output_attentions:
+            _require_eager_attention(self.qformer, "Q-Former")
+        soft_prompt, qformer_output = self.speech_to_soft_prompt(frames, frame_mask, language_ids, output_attentions)
+        return PotsaSpeechOutput(
+            soft_prompt=soft_prompt,
+            qformer_hidden_states=qformer_output.hidden_states,
+            pooled_speech=masked_time_mean(frames, frame_mask),
+            qformer_attentions=_self_attentions(qformer_output) if output_attentions else None,
+            qformer_cross_attentions=qformer_output.cross_attentions,
+        )
 
     # -------------------------------------------------------------------------------------------------- interfaces
     def forward(
         self,
-        input_ids: torch.LongTensor,
         input_features: torch.FloatTensor | None = None,
+        input_ids: torch.LongTensor | None = None,
         feature_attention_mask: torch.LongTensor | None = None,
         language_ids: torch.LongTensor | None = None,
         attention_mask: torch.LongTensor | None = None,
@@ -500,16 +619,19 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
         encoder_hidden_states: torch.FloatTensor | None = None,
         encoder_attention_mask: torch.LongTensor | None = None,
         output_qformer_hidden_states: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
-    ) -> PotsaOutput:
+    ) -> PotsaOutput | tuple[torch.Tensor, ...]:
         r"""
         Args:
-            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
-                Prompt (+ target) token ids with `num_query_tokens` speech-token placeholders per row.
             input_features (`torch.FloatTensor` of shape `(batch_size, n_mels, 2 * max_source_positions)` or
                 `(batch_size, window_samples)`):
                 The speech encoder's input from `PotsaProcessor`, padded to the encoder window: log-mel features
                 for Whisper, the normalised waveform for wav2vec2-style encoders (which call it `input_values`).
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+                Prompt (+ target) token ids with `num_query_tokens` speech-token placeholders per row. Required.
             feature_attention_mask (`torch.LongTensor` of shape `(batch_size, input_features.shape[-1])`):
                 1 for feature frames (Whisper) or samples (wav2vec2-style) of the audio, 0 for padding.
             language_ids (`torch.LongTensor` of shape `(batch_size,)`):
@@ -520,12 +642,31 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
             encoder_hidden_states / encoder_attention_mask:
                 Cached frozen-encoder outputs `(batch_size, frames, d_enc)` and their mask, instead of features.
             output_qformer_hidden_states (`bool`): return every Q-Former layer's states (for the OT loss).
+            output_attentions (`bool`, *optional*, defaults to `config.output_attentions`):
+                Return the LLM's and the Q-Former's attention weights; needs eager attention
+                (`attn_implementation="eager"`), the only kind that computes them.
+            output_hidden_states (`bool`, *optional*, defaults to `config.output_hidden_states`):
+                Return the LLM's and the Q-Former's hidden states.
+            return_dict (`bool`, *optional*, defaults to `config.return_dict`):
+                A `PotsaOutput`, or else the tuple of its fields that are set.
             num_items_in_batch (`int`, *optional*):
                 Target tokens in the whole accumulated batch; the CE is a sum divided by it, so that gradient
                 accumulation gives the same update as one large batch.
         """
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        if output_attentions:
+            _require_eager_attention(self.language_model, "LLM")
         speech = self.encode(
-            input_features, feature_attention_mask, language_ids, encoder_hidden_states, encoder_attention_mask
+            input_features,
+            feature_attention_mask,
+            language_ids,
+            encoder_hidden_states,
+            encoder_attention_mask,
+            output_attentions=output_attentions,
         )
         inputs_embeds = self._merge_soft_prompt(input_ids, speech.soft_prompt)
         llm_kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
@@ -534,24 +675,34 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             labels=labels if has_targets else None,
+            use_cache=False,  # one pass over the whole sequence: a KV cache would only hold memory
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
             **(llm_kwargs if has_targets else {}),
         )
         loss = llm_output.loss
         if labels is not None and not has_targets:
             # Rows without targets (audio that only joins the alignment loss): zero CE, not 0/0 = NaN.
             loss = llm_output.logits.sum() * 0.0
-        return PotsaOutput(
+        output = PotsaOutput(
             loss=loss,
             logits=llm_output.logits,
-            qformer_hidden_states=speech.qformer_hidden_states if output_qformer_hidden_states else None,
+            hidden_states=llm_output.hidden_states,  # None unless asked for
+            attentions=llm_output.attentions,
+            qformer_hidden_states=(
+                speech.qformer_hidden_states if output_qformer_hidden_states or output_hidden_states else None
+            ),
+            qformer_attentions=speech.qformer_attentions,
+            qformer_cross_attentions=speech.qformer_cross_attentions,
             pooled_speech=speech.pooled_speech,
         )
+        return output if return_dict else output.to_tuple()
 
     @torch.no_grad()
     def generate(
         self,
-        input_ids: torch.LongTensor,
         input_features: torch.FloatTensor | None = None,
+        input_ids: torch.LongTensor | None = None,
         feature_attention_mask: torch.LongTensor | None = None,
         language_ids: torch.LongTensor | None = None,
         attention_mask: torch.LongTensor | None = None,
