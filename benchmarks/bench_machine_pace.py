@@ -53,6 +53,12 @@ def seconds_per_step(threads: int, steps: int, warmup: int = 3) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def pace_ratio(steps: int = 10) -> float:
+    """This machine's step time on all its threads over the prototype's: divide a wall time by it to compare runs made
+    on machines of different speed (a pace-normalised time)."""
+    return seconds_per_step(os.cpu_count() or 1, steps) / PROTOTYPE_SECONDS_PER_STEP
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)

@@ -12,7 +12,7 @@ after `model.activation_checkpointing_enable()`, while `torch.autograd.graph.sav
 autograd keeps for the backward pass, by the module that first saves them. The LLM's 28 layers are identical, so
 the first layer (which also holds what all layers share) plus 27 times the second is exact for the layer stack.
 Every activation is per utterance (rows are padded to one length), so one utterance is measured and multiplied by
-the batch. Results go to benchmarks/results/memory_estimate.md.
+the batch. Results go to benchmarks/results/memory_estimate.md, the measurement to memory_estimate.json.
 
 What is left out (say so rather than guess): allocator fragmentation and CUDA context (~1-2 GiB per GPU), gradient
 buffers that live only during the backward pass, and DeepSpeed/FSDP sharding (ZeRO-2 divides the optimizer states and
@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ from modeling_potsa import PotsaConfig, PotsaForSpeechTranslation
 from modeling_potsa.configuration_potsa import IGNORE_INDEX
 
 REPO = Path(__file__).resolve().parents[1]
+RESULTS_JSON = REPO / "benchmarks/results/memory_estimate.json"  # the measurement, for benchmarks/real_widths.py
 
 GIB = 2**30
 BF16 = 2
@@ -136,23 +138,66 @@ def measure_utterance(config: PotsaConfig, frames: int) -> dict[bool, UtteranceA
     return measured
 
 
-def table(batch_size: int, frames: int) -> str:
-    settings = yaml.safe_load((REPO / "training/configs/model_paper.yaml").read_text())
-    config = PotsaConfig(**settings)
-    with torch.device("meta"):
-        counts = PotsaForSpeechTranslation(config).num_parameters_by_part()
-    measured = measure_utterance(config, frames)
-    plain, checkpointed = measured[False], measured[True]
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """What one real-size configuration needs on a GPU: frozen and trainable weights, and the measured activations
+    of one utterance (`measure_utterance`), from which any batch's total follows (every activation is per
+    utterance)."""
+
+    llm_weights: int
+    encoder_weights: int
+    trainable: int  # trainable weights with their gradients and AdamW's moments
+    trainable_parameters: int
+    llm_layers: int
+    activations: dict[bool, UtteranceActivations]  # gradient checkpointing -> one utterance's activations
+
+    @classmethod
+    def measure(cls, config: PotsaConfig, frames: int) -> MemoryEstimate:
+        with torch.device("meta"):
+            counts = PotsaForSpeechTranslation(config).num_parameters_by_part()
+        return cls(
+            llm_weights=counts["language_model"] * BF16,
+            encoder_weights=counts["speech_encoder"] * BF16,
+            trainable=counts["trainable"] * TRAINABLE_BYTES,
+            trainable_parameters=counts["trainable"],
+            llm_layers=config.text_config.num_hidden_layers,
+            activations=measure_utterance(config, frames),
+        )
+
+    def llm_activations(self, batch: int, checkpointing: bool) -> int:
+        """The LLM's, plus under checkpointing the one layer the backward pass recomputes at a time."""
+        recomputed = self.activations[False].llm_layer if checkpointing else 0
+        return batch * (self.activations[checkpointing].llm(self.llm_layers) + recomputed)
+
+    def connector_activations(self, batch: int, checkpointing: bool) -> int:
+        return batch * self.activations[checkpointing].connector
+
+    def total(self, batch: int, checkpointing: bool, encoder_cached: bool) -> int:
+        activations = self.llm_activations(batch, checkpointing) + self.connector_activations(batch, checkpointing)
+        return self.llm_weights + self.trainable + activations + (0 if encoder_cached else self.encoder_weights)
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "activations": {str(key).lower(): asdict(value) for key, value in self.activations.items()}}
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> MemoryEstimate:
+        activations = {key == "true": UtteranceActivations(**value) for key, value in data["activations"].items()}
+        fields = {key: value for key, value in data.items() if key in cls.__dataclass_fields__}
+        return cls(**{**fields, "activations": activations})
+
+
+def paper_config() -> PotsaConfig:
+    return PotsaConfig(**yaml.safe_load((REPO / "training/configs/model_paper.yaml").read_text()))
+
+
+def table(estimate: MemoryEstimate, batch_size: int, frames: int) -> str:
+    plain, checkpointed = estimate.activations[False], estimate.activations[True]
     tokens = PROMPT_TOKENS + TARGET_TOKENS
-    encoder_weights = counts["speech_encoder"] * BF16
-    llm_weights = counts["language_model"] * BF16
-    trainable = counts["trainable"] * TRAINABLE_BYTES
-    layers = config.text_config.num_hidden_layers
     lines = [
         "# GPU memory per GPU, real size (estimate; `python -m benchmarks.memory_estimate`)",
         "",
         f"Whisper-large-v3 encoder + Qwen2.5-7B-Instruct in bfloat16 (frozen), the 8-block Q-Former + projector + "
-        f"bias table in float32 with AdamW ({counts['trainable'] / 1e6:.1f} M trainable parameters), {frames} "
+        f"bias table in float32 with AdamW ({estimate.trainable_parameters / 1e6:.1f} M trainable parameters), {frames} "
         f"encoder frames (a 30 s window), {PROMPT_TOKENS} prompt tokens (chat template + 80 soft tokens) + "
         f"{TARGET_TOKENS} target tokens, SDPA attention. The three stage configs share these settings (batch 8 per "
         "GPU, bf16); stage 3 adds the OT loss, whose 16 pairs of 80 x 80 tokens cost a few MiB "
@@ -166,7 +211,8 @@ def table(batch_size: int, frames: int) -> str:
         f"({checkpointed.llm_layer / tokens / 2**10:.0f} KiB per token per LLM layer) and is recomputed in the "
         "backward pass, one layer at a time: the column adds the activations of that one recomputed LLM layer. "
         "The encoder runs under no_grad (frozen, before the first trainable module): only its weights count, and "
-        "with the encoder cache (`encoder_cache_dir`) it is not on the GPU at all.",
+        "with the encoder cache (`encoder_cache_dir`) it is not on the GPU at all. Measured peak memory on a GPU, "
+        "beside these figures: benchmarks/results/real_widths.md.",
         "",
         "| per-GPU batch | gradient checkpointing | frozen LLM (GiB) | encoder, if not cached (GiB) | trainable + "
         "AdamW (GiB) | LLM activations (GiB) | Q-Former activations (GiB) | total, encoder cached (GiB) | total, not "
@@ -175,15 +221,13 @@ def table(batch_size: int, frames: int) -> str:
     ]
     half = max(batch_size // 2, 1)
     for batch, checkpointing in ((batch_size, False), (batch_size, True), (half, False), (half, True)):
-        activations = measured[checkpointing]
-        recomputed = plain.llm_layer if checkpointing else 0  # the one layer the backward pass recomputes
-        llm_activations = batch * (activations.llm(layers) + recomputed)
-        qformer = batch * activations.connector
-        cached = llm_weights + trainable + llm_activations + qformer
         lines.append(
-            f"| {batch} | {'yes' if checkpointing else 'no'} | {llm_weights / GIB:.1f} | {encoder_weights / GIB:.1f} | "
-            f"{trainable / GIB:.2f} | {llm_activations / GIB:.1f} | {qformer / GIB:.2f} | {cached / GIB:.1f} | "
-            f"{(cached + encoder_weights) / GIB:.1f} |"
+            f"| {batch} | {'yes' if checkpointing else 'no'} | {estimate.llm_weights / GIB:.1f} | "
+            f"{estimate.encoder_weights / GIB:.1f} | {estimate.trainable / GIB:.2f} | "
+            f"{estimate.llm_activations(batch, checkpointing) / GIB:.1f} | "
+            f"{estimate.connector_activations(batch, checkpointing) / GIB:.2f} | "
+            f"{estimate.total(batch, checkpointing, encoder_cached=True) / GIB:.1f} | "
+            f"{estimate.total(batch, checkpointing, encoder_cached=False) / GIB:.1f} |"
         )
     lines += [
         "",
@@ -198,8 +242,10 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--batch-size", type=int, default=8, help="per-GPU batch (the stage configs use 8)")
     parser.add_argument("--frames", type=int, default=1500, help="encoder frames per utterance (1500 = 30 s)")
     args = parser.parse_args(argv)
-    report = table(args.batch_size, args.frames)
+    estimate = MemoryEstimate.measure(paper_config(), args.frames)
+    report = table(estimate, args.batch_size, args.frames)
     (REPO / "benchmarks/results/memory_estimate.md").write_text(report)
+    RESULTS_JSON.write_text(json.dumps({"frames": args.frames, **estimate.to_json()}, indent=2) + "\n")
     return report
 
 

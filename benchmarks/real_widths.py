@@ -24,8 +24,7 @@ benchmarks/memory_estimate.py for that row; a CUDA out-of-memory is recorded as 
 benchmarks/results/real_widths.md and .json (real_widths_cpu.* on the CPU). A batch of one utterance has no
 parallel pair: its OT term is 0.
 
-It needs this repository's requirements (transformers >= 5.23; `datasets`, which potsa_training imports) and
-`potsa_training` importable: `pip install -e .`, or from a bare clone
+It needs this repository's requirements (transformers >= 5.23, pyarrow) and `potsa_training` importable: `pip install -e .`, or from a bare clone
 `mkdir -p /tmp/site && ln -s $PWD/training /tmp/site/potsa_training && export PYTHONPATH=$PWD:/tmp/site`. Progress
 goes to stdout, one line per step.
 """
@@ -33,7 +32,6 @@ goes to stdout, one line per step.
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import sys
@@ -48,16 +46,7 @@ import yaml
 from transformers import AutoModel
 
 from benchmarks.machine import cpu_name
-from benchmarks.memory_estimate import (
-    BF16,
-    GIB,
-    PROMPT_TOKENS,
-    TARGET_TOKENS,
-    TRAINABLE_BYTES,
-    llm_layer_bytes_per_token,
-    lm_head_bytes_per_token,
-    qformer_bytes,
-)
+from benchmarks.memory_estimate import GIB, PROMPT_TOKENS, RESULTS_JSON, TARGET_TOKENS, MemoryEstimate
 from modeling_potsa import PotsaConfig, PotsaForSpeechTranslation
 from modeling_potsa.configuration_potsa import IGNORE_INDEX, QWEN25_7B_INSTRUCT, WHISPER_LARGE_V3_ENCODER
 from potsa_training.alignment import find_parallel_pairs, weighted_alignment_loss
@@ -182,27 +171,13 @@ def generate(model: PotsaForSpeechTranslation, inputs: dict[str, torch.Tensor]) 
     return model.generate(**prompt, **speech, max_new_tokens=GENERATED_TOKENS, min_new_tokens=GENERATED_TOKENS)
 
 
-def estimated_bytes(
-    config: PotsaConfig, batch_sizes: list[int], checkpointing: list[bool]
-) -> dict[tuple[int, bool], float]:
-    """benchmarks/memory_estimate.py's "total, not cached" per (batch size, checkpointing), from its functions (its
-    `table` composes them the same way): bf16 frozen weights, trainable weights with AdamW, LLM and Q-Former
-    activations, for this config's depth and encoder window."""
-    with torch.device("meta"):
-        counts = PotsaForSpeechTranslation(config).num_parameters_by_part()
-    weights = (counts["speech_encoder"] + counts["language_model"]) * BF16 + counts["trainable"] * TRAINABLE_BYTES
-    per_token_layer = llm_layer_bytes_per_token(copy.deepcopy(config), tokens=PROMPT_TOKENS + TARGET_TOKENS)
-    layers = config.text_config.num_hidden_layers
-    hidden_bytes = config.text_config.hidden_size * BF16
-    estimates = {}
-    for batch_size in batch_sizes:
-        qformer = qformer_bytes(config, batch_size, config.encoder_config.max_source_positions)
-        for checkpointed in checkpointing:
-            # With checkpointing each layer keeps only its input (bf16 hidden state) and one layer is recomputed.
-            stack = hidden_bytes * layers + per_token_layer if checkpointed else per_token_layer * layers
-            tokens = batch_size * (PROMPT_TOKENS + TARGET_TOKENS)
-            estimates[batch_size, checkpointed] = weights + tokens * (stack + lm_head_bytes_per_token(config)) + qformer
-    return estimates
+def estimated_bytes(batch_sizes: list[int], checkpointing: list[bool]) -> dict[tuple[int, bool], float]:
+    """benchmarks/memory_estimate.py's "total, not cached" per (batch size, checkpointing), from its committed
+    measurement (memory_estimate.json; `python -m benchmarks.memory_estimate` remakes it) of the same paper-size
+    model, frames and token counts."""
+    estimate = MemoryEstimate.from_json(json.loads(RESULTS_JSON.read_text()))
+    return {(batch, checked): estimate.total(batch, checked, encoder_cached=False)
+            for batch in batch_sizes for checked in checkpointing}  # fmt: skip
 
 
 def measure_step(
@@ -265,7 +240,7 @@ def run(
     model = build_model(config, device, dtype)
     counts = model.num_parameters_by_part()
     log(f"built {counts['total'] / 1e9:.2f} B parameters on {device} in {time.perf_counter() - start:.1f} s")
-    estimates = estimated_bytes(config, batch_sizes, checkpointing) if device == "cuda" else {}
+    estimates = estimated_bytes(batch_sizes, checkpointing) if device == "cuda" else {}
     rows = []
     for checkpointed in checkpointing:
         for batch_size in batch_sizes:

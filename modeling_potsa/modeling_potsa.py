@@ -7,98 +7,36 @@ audio features (B, n_mels, 2P) or waveform (B, samples) --speech encoder (frozen
 LLM inputs_embeds: [prompt prefix][soft prompt][prompt suffix][target] --LLM (frozen)--> CE on target tokens
 ```
 
-Only the Q-Former, its queries, the projector, the bias table (and LoRA adapters, if enabled) are trained and saved.
-The encoder and LLM are reloaded from their own hub ids / paths at `from_pretrained`, the way Ultravox ships, so a
-checkpoint on top of a 7B LLM is a few hundred MB. The encoder may be Whisper or a wav2vec2-style model (wav2vec2,
-HuBERT; see `speech_encoders.py`), the LLM any `AutoModelForCausalLM` (Qwen2, Llama, GPT-2, ...).
+Only the Q-Former, its queries, the projector, the bias table (and LoRA adapters, if enabled) are trained and saved
+(`checkpoint_potsa.py`); the frozen LLM's LoRA and gradient checkpointing are `language_model_potsa.py`'s, the output
+classes `outputs_potsa.py`'s. The encoder may be Whisper or a wav2vec2-style model (wav2vec2, HuBERT; see
+`speech_encoders.py`), the LLM any `AutoModelForCausalLM` (Qwen2, Llama, GPT-2, ...).
 """
 
 from __future__ import annotations
 
-import shutil
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoModelForCausalLM, Blip2QFormerModel, PreTrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, Blip2QFormerModel, PreTrainedModel
 from transformers import initialization as init
-from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions, ModelOutput
-from transformers.pytorch_utils import Conv1D
+from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 from transformers.utils import logging
 
 from .bias_compensation import LanguageBiasCompensation, masked_time_mean
-from .configuration_potsa import CUSTOM_PIPELINES, IGNORE_INDEX, PotsaConfig
+from .checkpoint_potsa import PotsaCheckpointMixin, mark_initialized
+from .configuration_potsa import IGNORE_INDEX, PotsaConfig
+from .language_model_potsa import add_lora, checkpoint_in_eval_mode, checkpointed_layers
+from .outputs_potsa import PotsaOutput, PotsaSpeechOutput
 from .speech_encoders import SpeechEncoderFamily, speech_encoder_family
 
 logger = logging.get_logger(__name__)
-
-
-@dataclass
-class PotsaOutput(ModelOutput):
-    """
-    Args:
-        loss (`torch.FloatTensor` of shape `()`, *optional*):
-            Cross-entropy on target tokens (labels != -100), when `labels` is given.
-        logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
-            LLM logits over the merged sequence (prompt, soft prompt, target).
-        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states=True`):
-            The LLM's: its input embeddings (index 0, the soft prompt merged in) and each decoder layer's output,
-            `num_hidden_layers + 1` tensors of shape `(batch_size, sequence_length, llm_hidden_size)`.
-        attentions (`tuple(torch.FloatTensor)`, *optional*, returned with `output_attentions=True`):
-            The LLM's self-attention weights, one `(batch_size, num_heads, sequence_length, sequence_length)` tensor
-            per decoder layer.
-        qformer_hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states=True` or
-            `output_qformer_hidden_states=True`):
-            `num_qformer_layers + 1` tensors of shape `(batch_size, num_query_tokens, qformer_hidden_size)`: the
-            query embeddings (index 0) and each block's output (index l = layer l, what the OT loss aligns).
-        qformer_attentions (`tuple(torch.FloatTensor)`, *optional*, returned with `output_attentions=True`):
-            Self-attention weights among the queries, one `(batch_size, num_heads, num_query_tokens,
-            num_query_tokens)` tensor per Q-Former layer.
-        qformer_cross_attentions (`tuple(torch.FloatTensor)`, *optional*, returned with `output_attentions=True`):
-            Cross-attention weights of the queries over the encoder frames, one `(batch_size, num_heads,
-            num_query_tokens, frames)` tensor per Q-Former layer with cross-attention.
-        pooled_speech (`torch.FloatTensor` of shape `(batch_size, encoder_hidden_size)`, *optional*):
-            Encoder frames averaged over valid frames *before* bias compensation (bias estimation, language id).
-    """
-
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
-    qformer_hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    qformer_attentions: tuple[torch.FloatTensor, ...] | None = None
-    qformer_cross_attentions: tuple[torch.FloatTensor, ...] | None = None
-    pooled_speech: torch.FloatTensor | None = None
-
-
-@dataclass
-class PotsaSpeechOutput(ModelOutput):
-    """
-    Args:
-        soft_prompt (`torch.FloatTensor` of shape `(batch_size, num_query_tokens, llm_hidden_size)`):
-            What replaces the speech placeholders in the LLM input.
-        qformer_hidden_states (`tuple(torch.FloatTensor)`):
-            Query embeddings (index 0) and every Q-Former block's output, each `(batch_size, num_query_tokens,
-            qformer_hidden_size)`.
-        pooled_speech (`torch.FloatTensor` of shape `(batch_size, encoder_hidden_size)`):
-            Encoder frames averaged over valid frames, before bias compensation.
-        qformer_attentions / qformer_cross_attentions (`tuple(torch.FloatTensor)`, *optional*):
-            The Q-Former's attention weights, with `output_attentions=True` (see `PotsaOutput`).
-    """
-
-    soft_prompt: torch.FloatTensor | None = None
-    qformer_hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    pooled_speech: torch.FloatTensor | None = None
-    qformer_attentions: tuple[torch.FloatTensor, ...] | None = None
-    qformer_cross_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 class PotsaProjector(nn.Module):
@@ -167,29 +105,6 @@ def _root_mean_square(embeddings: torch.Tensor) -> float:
     return embeddings.detach().float().pow(2).mean().sqrt().item()
 
 
-# What must agree between the POTSA config and a base model loaded from its id (fields a model lacks are None).
-_ENCODER_FIELDS = (
-    "model_type", "d_model", "hidden_size", "num_mel_bins", "conv_kernel", "conv_stride", "feat_extract_norm",
-)  # fmt: skip
-_LLM_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
-
-
-def _config_value(config: Any, field_name: str) -> Any:
-    """A config field as config.json stores it: tuples (wav2vec2's `conv_kernel`) are lists once saved."""
-    value = getattr(config, field_name, None)
-    return list(value) if isinstance(value, tuple) else value
-
-
-def _check_same_architecture(name: str, expected: Any, loaded: Any, fields: tuple[str, ...]) -> None:
-    for field_name in fields:
-        expected_value, loaded_value = _config_value(expected, field_name), _config_value(loaded, field_name)
-        if expected_value != loaded_value:
-            raise ValueError(
-                f"The {name} loaded from its id has {field_name}={loaded_value} but the POTSA config says "
-                f"{expected_value}; the checkpoint was trained on another base model."
-            )
-
-
 def _require_eager_attention(model: PreTrainedModel, name: str) -> None:
     """Only eager attention computes attention weights; the others would return none, without an error."""
     implementation = model.config._attn_implementation
@@ -208,30 +123,7 @@ def _self_attentions(qformer_output: BaseModelOutputWithPoolingAndCrossAttention
     return tuple(weights for weights in qformer_output.attentions if id(weights) not in cross)
 
 
-def _mark_initialized(module: nn.Module) -> None:
-    """Pretrained sub-models must survive `post_init`, which would otherwise re-initialise every weight."""
-    for submodule in module.modules():
-        submodule._is_hf_initialized = True
-
-
-def _checkpoint_in_eval_mode(
-    layer: nn.Module, checkpoint_function: Callable, layer_forward: Callable, *inputs: Any
-) -> Any:
-    """`checkpoint_function(layer_forward, *inputs)` with `layer` in eval mode while it computes, in the forward
-    pass and in the backward pass's recomputation. A frozen layer carries the training flag only so that
-    transformers checkpoints it; some layers (OPT's, Falcon's) read that flag for dropout themselves."""
-
-    def forward_in_eval_mode(*args: Any) -> Any:
-        training, layer.training = layer.training, False
-        try:
-            return layer_forward(*args)
-        finally:
-            layer.training = training
-
-    return checkpoint_function(forward_in_eval_mode, *inputs)
-
-
-class PotsaForSpeechTranslation(PotsaPreTrainedModel):
+class PotsaForSpeechTranslation(PotsaCheckpointMixin, PotsaPreTrainedModel):
     """POTSA: speech in any configured language -> text in `config.target_language`.
 
     Args:
@@ -249,9 +141,9 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
     ) -> None:
         super().__init__(config)
         if speech_encoder is not None:
-            _mark_initialized(speech_encoder)
+            mark_initialized(speech_encoder)
         if language_model is not None:
-            _mark_initialized(language_model)
+            mark_initialized(language_model)
         if speech_encoder is None:
             speech_encoder = self.speech_encoder_family.build(config.encoder_config)
         self.speech_encoder = speech_encoder
@@ -266,7 +158,7 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
         self.language_model = language_model
         self.freeze_base_models()
         if config.use_lora:
-            self.language_model = self._add_lora(self.language_model)
+            self.language_model = add_lora(self.language_model, config)
         self.post_init()
 
     # ----------------------------------------------------------------------------------------------- construction
@@ -300,13 +192,7 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
 
     def _checkpointed_frozen_llm_layers(self) -> list[GradientCheckpointingLayer]:
         """The frozen LLM's layers that gradient checkpointing recomputes (none with LoRA: that LLM trains)."""
-        if self.config.use_lora:
-            return []
-        return [
-            layer
-            for layer in self.language_model.modules()
-            if isinstance(layer, GradientCheckpointingLayer) and layer.gradient_checkpointing
-        ]
+        return [] if self.config.use_lora else checkpointed_layers(self.language_model)
 
     def _set_gradient_checkpointing(
         self, enable: bool = True, gradient_checkpointing_func: Callable = checkpoint, every_n_layers: int = 1
@@ -317,159 +203,8 @@ class PotsaForSpeechTranslation(PotsaPreTrainedModel):
         need a gradient."""
         super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
         for layer in self._checkpointed_frozen_llm_layers():
-            layer._gradient_checkpointing_func = partial(_checkpoint_in_eval_mode, layer, gradient_checkpointing_func)
+            layer._gradient_checkpointing_func = partial(checkpoint_in_eval_mode, layer, gradient_checkpointing_func)
         self.train(self.training)
-
-    def _add_lora(self, language_model: nn.Module) -> nn.Module:
-        """LoRA adapters on the LLM modules named in `config.lora_target_modules`. The default (q_proj, k_proj, v_proj,
-        o_proj) suits Qwen2, Llama, Mistral and Gemma; other families name their projections differently (GPT-2:
-        c_attn, c_proj), and a name this LLM lacks is an error rather than a silently smaller adapter."""
-        # Optional, only for LoRA. In a `try`, which transformers' remote-code import check skips: a bare import here
-        # would make every checkpoint, LoRA or not, refuse to load with trust_remote_code where peft is missing.
-        try:
-            from peft import LoraConfig, get_peft_model
-        except ImportError as error:
-            raise ImportError(
-                "This model has LoRA adapters (`use_lora=True`), which need peft: `pip install peft`. A model "
-                "published by examples/push_to_hub.py without `--unmerged` has them merged and needs no peft."
-            ) from error
-
-        projections = {
-            name.rsplit(".", 1)[-1]
-            for name, module in language_model.named_modules()
-            if isinstance(module, (nn.Linear, Conv1D))
-        }
-        missing = sorted(set(self.config.lora_target_modules) - projections)
-        if missing:
-            raise ValueError(
-                f"`lora_target_modules` {missing} are not modules of this {language_model.config.model_type} LLM; its "
-                f"projections are {sorted(projections)} (GPT-2: ['c_attn', 'c_proj']). Set `lora_target_modules`."
-            )
-
-        lora_config = LoraConfig(
-            r=self.config.lora_rank,
-            lora_alpha=self.config.lora_alpha,
-            lora_dropout=self.config.lora_dropout,
-            target_modules=list(self.config.lora_target_modules),
-            task_type="CAUSAL_LM",
-        )
-        return get_peft_model(language_model, lora_config)
-
-    @classmethod
-    def from_base_models(
-        cls, config: PotsaConfig, dtype: torch.dtype | str | None = None, **kwargs: Any
-    ) -> PotsaForSpeechTranslation:
-        """A fresh model (new Q-Former, projector, zero bias) on top of the pretrained encoder and LLM named in
-        `config.encoder_model_id` / `config.text_model_id`: how stage 1 starts."""
-        if not (config.encoder_model_id and config.text_model_id):
-            raise ValueError("`from_base_models` needs `encoder_model_id` and `text_model_id` in the config.")
-        speech_encoder, language_model = cls._load_base_models(config, dtype=dtype, **kwargs)
-        return cls(config, speech_encoder=speech_encoder, language_model=language_model)
-
-    @classmethod
-    def _load_base_models(cls, config: PotsaConfig, **kwargs: Any) -> tuple[PreTrainedModel, PreTrainedModel]:
-        kwargs = {key: value for key, value in kwargs.items() if value is not None}
-        family = speech_encoder_family(config.encoder_config)
-        speech_encoder = family.from_pretrained(config.encoder_model_id, **kwargs)
-        language_model = AutoModelForCausalLM.from_pretrained(config.text_model_id, **kwargs)
-        _check_same_architecture("speech encoder", config.encoder_config, speech_encoder.config, _ENCODER_FIELDS)
-        _check_same_architecture("LLM", config.text_config, language_model.config, _LLM_FIELDS)
-        return speech_encoder, language_model
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> Any:
-        """Load a POTSA checkpoint; the frozen encoder and LLM come from their own ids unless the checkpoint
-        bundles them (`save_pretrained(..., include_base_weights=True)`)."""
-        config = kwargs.pop("config", None)
-        if not isinstance(config, PreTrainedConfig):  # remote code may hand in a PotsaConfig from another module
-            hub_keys = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
-            hub_kwargs = {key: kwargs[key] for key in hub_keys if key in kwargs}
-            config = PotsaConfig.from_pretrained(config or pretrained_model_name_or_path, **hub_kwargs)
-        buffers = []
-        if not config.base_weights_in_checkpoint and config.encoder_model_id and config.text_model_id:
-            base_keys = ("dtype", "cache_dir", "local_files_only", "token", "attn_implementation")
-            base_models = cls._load_base_models(config, **{key: kwargs[key] for key in base_keys if key in kwargs})
-            kwargs["speech_encoder"], kwargs["language_model"] = base_models
-            # Loading re-creates every non-persistent buffer (e.g. rotary frequencies) as if it were new; the base
-            # models already hold the right values, so put them back afterwards.
-            buffers = [
-                (module, name, buffer.clone())
-                for base_model in base_models
-                for module in base_model.modules()
-                for name, buffer in module.named_buffers(recurse=False)
-                if name in module._non_persistent_buffers_set
-            ]
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
-        model = loaded[0] if kwargs.get("output_loading_info") else loaded  # (model, loading_info) when asked
-        model.freeze_base_models()  # bundled base weights come back as fresh, trainable parameters
-        for module, name, buffer in buffers:
-            module.register_buffer(name, buffer.to(getattr(module, name).device), persistent=False)
-        return loaded
-
-    def _external_weight_prefixes(self) -> tuple[str, ...]:
-        """State-dict prefixes whose frozen weights are reloaded from a base model id rather than stored."""
-        if self.config.base_weights_in_checkpoint:
-            return ()
-        prefixes = []
-        if self.config.encoder_model_id:
-            prefixes.append("speech_encoder.")
-        if self.config.text_model_id:
-            prefixes.append("language_model.")
-        return tuple(prefixes)
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-        """The weights this checkpoint owns: everything except frozen base-model weights that an id reloads, but
-        with the LLM weights that merged LoRA adapters changed (`config.merged_lora_modules`, matched as peft
-        matches `target_modules`: by module-name suffix).
-
-        `from_pretrained` derives the expected keys from this too, so frozen base weights are neither expected
-        in the checkpoint nor re-initialised over the pretrained ones, and merged weights replace the base's."""
-        state = super().state_dict(*args, **kwargs)
-        external = self._external_weight_prefixes()
-        if not external:
-            return state
-        prefix = kwargs.get("prefix", "")
-        trainable = {prefix + name for name, param in self.named_parameters() if param.requires_grad}
-        external = tuple(prefix + p for p in external)
-        merged = tuple(f".{module}.weight" for module in self.config.merged_lora_modules)
-        return {
-            key: value
-            for key, value in state.items()
-            if key in trainable
-            or not key.startswith(external)
-            or (merged and key.startswith(prefix + "language_model.") and key.endswith(merged))
-        }
-
-    def save_pretrained(self, save_directory: Any, *args: Any, include_base_weights: bool = False, **kwargs: Any):
-        """Save config, code files and the trainable weights (safetensors).
-
-        Args:
-            include_base_weights (`bool`, *optional*, defaults to `False`):
-                Also store the frozen encoder and LLM, for fully offline bundles (the tiny demo). Never use it for
-                a checkpoint on top of a 7B LLM that is on the Hub already.
-        """
-        self.config.custom_pipelines = {task: dict(spec) for task, spec in CUSTOM_PIPELINES.items()}
-        if not include_base_weights or self.config.base_weights_in_checkpoint:
-            super().save_pretrained(save_directory, *args, **kwargs)
-        else:
-            self.config.base_weights_in_checkpoint = True
-            try:
-                super().save_pretrained(save_directory, *args, **kwargs)
-            finally:
-                self.config.base_weights_in_checkpoint = False
-        self._save_pipeline_code(save_directory)
-
-    @staticmethod
-    def _save_pipeline_code(save_directory: Any) -> None:
-        """config.json names the speech-translation pipeline (`custom_pipelines`), so that `pipeline("translation",
-        model=dir, trust_remote_code=True)` finds it: copy its file and the files it imports beside the model code
-        (the model itself does not import the pipeline)."""
-        pipeline_file = Path(__file__).with_name("pipeline_potsa.py")
-        if not pipeline_file.is_file():  # remote code loaded without its pipeline file: nothing to copy
-            logger.warning("pipeline_potsa.py is not beside this model's code; the saved folder lacks the pipeline.")
-            return
-        for source in (pipeline_file, *map(Path, get_relative_import_files(pipeline_file))):
-            shutil.copy(source, Path(save_directory) / source.name)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()

@@ -1,5 +1,6 @@
 """Tests of the offline espeak corpus (benchmarks/corpus): Chinese numerals, lexicons, splits, synthesis."""
 
+import datasets
 import numpy as np
 import pytest
 
@@ -15,7 +16,9 @@ from benchmarks.corpus import (
     split_targets,
     supported_languages,
 )
+from benchmarks.corpus.__main__ import main as corpus_cli
 from benchmarks.corpus.lexicon import PLURAL_FORMS, TARGET_LANGUAGE, plural_category
+from benchmarks.corpus.roles import language_roles
 
 SMALL = {"train": 6, "validation": 3, "test": 3}
 LANGUAGES = ["es", "ja", "ru"]
@@ -154,3 +157,23 @@ def test_clips_over_max_seconds_are_dropped() -> None:
 @pytest.mark.parametrize("language", supported_languages())
 def test_espeak_reads_the_lexicon_natively(language: str) -> None:
     assert reading_problems(language) == []
+
+
+def test_language_roles_parse_named_zero_shot_groups() -> None:
+    roles = language_roles(["en", "es"], ["related:it,pt", "distant:de,ko", "fr"])
+    assert roles.groups() == {"seen": ["en", "es"], "related": ["it", "pt"], "distant": ["de", "ko"],
+                              "zero_shot": ["fr"]}  # fmt: skip
+    assert roles.languages == ["en", "es", "it", "pt", "de", "ko", "fr"]
+    for seen, zero_shot, message in [([], ["de"], "at least one seen"), (["en"], ["en"], "named twice"),
+                                     (["en"], ["far:xx"], "No lexicon"), (["en"], ["seen:de"], "group name")]:
+        with pytest.raises(ValueError, match=message):
+            language_roles(seen, zero_shot)
+
+
+def test_corpus_cli_speaks_seen_and_zero_shot_languages(tmp_path, capsys) -> None:
+    out = tmp_path / "corpus"
+    assert corpus_cli(["--seen", "es", "--zero-shot", "distant:ko", "--out", str(out), "--sentences-train", "2",
+                       "--sentences-validation", "1", "--sentences-test", "1", "--workers", "1"]) == 0  # fmt: skip
+    summary = capsys.readouterr().out
+    assert "es        seen" in summary and "ko        distant" in summary
+    assert set(datasets.load_from_disk(str(out))["test"]["language"]) == {"es", "ko"}

@@ -13,6 +13,7 @@ import datasets
 import pytest
 
 from benchmarks import ablation, demo, stage3_selection
+from benchmarks.corpus.roles import language_roles
 from potsa_training.arguments import DataArguments, load_settings
 from potsa_training.run import CONFIGS
 
@@ -49,21 +50,26 @@ def test_no_stage_config_evaluates_on_test_during_training(config):
 
 
 def test_benchmarks_report_on_the_split_they_mean(tmp_path):
-    """The stage-3 selection picks its setting on validation; the ablation reports on test; the demo evaluates
-    only its final stage (on test)."""
+    """The stage-3 selection picks its setting on validation; the ablation and the demo's stage 3 report on test;
+    the demo's stages 1-2 are not evaluated."""
     args = argparse.Namespace(
-        seeds=[0], out=tmp_path / "out", demo=tmp_path / "demo", corpus=tmp_path / "corpus",
-        eval_utterances=60, stage3_steps=10, bias_utterances=5,
+        suite="rows", stage2_seeds=[0, 1, 2], stage3_seeds=[0, 1], seen=demo.SEEN, zero_shot=demo.ZERO_SHOT,
+        out=tmp_path / "out", demo=tmp_path / "demo", corpus=tmp_path / "corpus",
     )  # fmt: skip
     for job in stage3_selection.plan(args):
         data, eval_strategy = data_arguments(CONFIGS / f"{job.config}.yaml", job_overrides(job.settings))
         assert data.report_split == "validation" and eval_strategy == "no"
-    for job in ablation.plan(args, ablation.PAPER_ROWS):
+    for job in ablation.plan(args, ablation.ROWS):
         data, eval_strategy = data_arguments(CONFIGS / f"{job.config}.yaml", job_overrides(job.settings))
-        assert data.report_split == "test" and eval_strategy == "no"
-    for stage in demo.STAGES:
-        data, _ = data_arguments(CONFIGS / f"{stage}.yaml", demo.stage_settings(tmp_path, tmp_path, stage, seed=0))
-        assert data.report_split == ("test" if stage == demo.STAGES[-1] else None)
+        assert data.report_split == ("test" if job.config == "tiny_stage3_potsa" else None) and eval_strategy == "no"
+    roles = language_roles(demo.SEEN, demo.ZERO_SHOT)
+    common = demo.stage_settings(tmp_path, tmp_path, roles, seed=0)
+    for job in demo.stage3_jobs(tmp_path, tmp_path / "stage2", common):
+        data, _ = data_arguments(CONFIGS / f"{job.config}.yaml", job_overrides(job.settings))
+        assert data.report_split == "test"
+    for stage, settings in demo.stages_1_2_settings(tmp_path, common).items():
+        data, _ = data_arguments(CONFIGS / f"{stage}.yaml", job_overrides(settings))
+        assert data.report_split is None
 
 
 def test_a_run_evaluates_validation_during_training_and_reports_test_per_category(corpus, model_yaml, tmp_path):

@@ -25,8 +25,8 @@ from .conftest import SAMPLING_RATE, synthetic_audio
 from .test_hub_loading import base_ids  # noqa: F401  (fixture: the tiny encoder and LLM as base checkpoints)
 
 CODE_FILES = {
-    "audio.py", "bias_compensation.py", "configuration_potsa.py", "modeling_potsa.py", "pipeline_potsa.py",
-    "processing_potsa.py", "speech_encoders.py",
+    "audio.py", "bias_compensation.py", "checkpoint_potsa.py", "configuration_potsa.py", "language_model_potsa.py",
+    "modeling_potsa.py", "outputs_potsa.py", "pipeline_potsa.py", "processing_potsa.py", "speech_encoders.py",
 }  # fmt: skip
 RELEASE_FILES = CODE_FILES | {
     "README.md", "config.json", "model.safetensors", "processor_config.json", "tokenizer.json", "tokenizer_config.json",

@@ -17,14 +17,16 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import pyarrow as pa
 import torch
 
 from modeling_potsa.audio import load_waveform
 from modeling_potsa.processing_potsa import PotsaProcessor
+
+if TYPE_CHECKING:  # rows are read through the datasets' own methods: the OT loss (alignment.py) needs no `datasets`
+    import datasets
 
 Row = Mapping[str, Any]
 REQUIRED_COLUMNS = ("audio", "language", "sentence_id")

@@ -87,9 +87,12 @@ def load_model(model_args: ModelArguments, overrides: dict[str, Any], languages:
     return model, processor
 
 
-def prepare_data(data_args: DataArguments, model: Any, processor: Any) -> tuple[Any, dict[str, Any], dict]:
-    """2. The train set with the zero-shot protocol applied, the evaluation sets (per-epoch `eval_split`, final
-    `test_split`), all validated, and the language groups to report."""
+def prepare_data(
+    data_args: DataArguments, model: Any, processor: Any, evaluates_during_training: bool = True
+) -> tuple[Any, dict[str, Any], dict]:
+    """2. The train set with the zero-shot protocol applied, the evaluation sets (`eval_split` when training
+    evaluates or no `test_split` takes the final report; `test_split`), all validated, and the language groups to
+    report."""
     zero_shot = list(data_args.zero_shot_languages)
     seen = data_args.train_languages or [code for code in model.config.languages if code not in zero_shot]
     load = functools.partial(load_source, data_args.data_source, data_args.data_path)
@@ -104,7 +107,8 @@ def prepare_data(data_args: DataArguments, model: Any, processor: Any) -> tuple[
     train, report = validate_examples(train, model.config.languages, processor, on_bad_data=data_args.on_bad_data)
     logger.info("training data: %d utterances; %s", len(train), report)
     evaluation = {}
-    for role, split in (("eval", data_args.eval_split), ("test", data_args.test_split)):
+    needs_eval_split = evaluates_during_training or not data_args.test_split
+    for role, split in (("eval", data_args.eval_split if needs_eval_split else None), ("test", data_args.test_split)):
         if split:
             dataset = select_languages(load(split=split), seen + zero_shot)
             if data_args.max_eval_samples:
@@ -139,7 +143,8 @@ def run(argv: list[str] | None = None) -> PotsaTrainer:
     model, processor = load_model(model_args, settings.config_overrides, data_args.train_languages)
     settings.alignment.check_model(model.config)
     with training_args.main_process_first(desc="data preparation and encoder cache"):
-        train, evaluation, groups = prepare_data(data_args, model, processor)
+        evaluates = training_args.eval_strategy != "no"
+        train, evaluation, groups = prepare_data(data_args, model, processor, evaluates)
         audio_for_bias = bias_audio(data_args, model, processor) if data_args.estimate_bias else None
         # 3. Optional encoder-output cache: the encoder is frozen, so its outputs are computed once (one directory
         # serves every split and later runs; only missing utterances are encoded).
