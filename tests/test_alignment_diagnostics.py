@@ -17,6 +17,8 @@ from potsa_training.alignment_diagnostics import (
 )
 from potsa_training.objectives import slot_variance
 
+from .tiny_runs import train
+
 
 def _eval_set(num_sentences: int, languages: list[str], queries: int = 4, hidden: int = 8, seed: int = 0):
     """Utterances of ``num_sentences`` sentences in every language, sentence-major; per layer: (1) parallel
@@ -104,3 +106,20 @@ def test_eval_metrics_reject_bad_input(kwargs, message):
     with pytest.raises(ValueError, match=message):
         layer_alignment_metrics(states, **{"sentence_ids": sentence_ids, "languages": languages, **kwargs})
 
+
+def test_a_tiny_stage_3_run_with_infonce_logs_the_diagnostics_and_feeds_ratios_to_the_scheduler(
+    corpus, model_yaml, tmp_path
+):
+    trainer = train(corpus, model_yaml, tmp_path / "infonce", alignment_loss="infonce_sinkhorn", max_steps=4,
+                    save_steps=100, eval_split=None, ucb_reward="ratio_drop", ucb_normalize_reward=True)  # fmt: skip
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 4
+    for entry in logged:
+        for name in ("state_var", "ot_par", "ot_nonpar", "ot_ratio"):
+            assert all(f"{name}_layer_{layer}" in entry for layer in (1, 2, 3)), (name, entry)
+        assert entry["ot_ratio_layer_1"] == pytest.approx(entry["ot_par_layer_1"] / entry["ot_nonpar_layer_1"])
+        assert entry["ot_layer"] in (1, 2, 3) and entry["ot"] > 0
+    assert sum(logged[-1][f"ot_picks_layer_{layer}"] for layer in (1, 2, 3)) == 4
+    state = trainer.layer_callback.scheduler.state_dict()
+    assert sum(state["visits"]) == 4 and state["rewards_seen"] > 0  # a ratio every step, and some were rewards
+    assert trainer.alignment_args.to_dict()["alignment_loss"] == "infonce_sinkhorn"

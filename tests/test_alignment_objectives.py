@@ -3,6 +3,7 @@ anchor strategies, reductions, and the contrastive objective's negatives."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -16,7 +17,10 @@ from potsa_training.alignment import (
     find_parallel_pairs,
     nonparallel_pairs,
 )
+from potsa_training.arguments import AlignmentArguments, load_settings, parse_settings
 from potsa_training.objectives import ALIGNMENT_LOSSES, slot_variance, standardise_states
+
+from .tiny_runs import REPO, train
 
 # Four sentences, each in en, es and ja: utterance 3 * s + k is sentence s in language k.
 LANGUAGES = ["en", "es", "ja"] * 4
@@ -165,3 +169,47 @@ def test_bad_objective_settings_raise(kwargs, message):
     with pytest.raises(ValueError, match="count"):
         draw_negatives(SENTENCES, LANGUAGES, [(0, 1)], 0)
 
+
+def test_objective_and_scheduler_settings_are_stage_settings_validated_and_recorded():
+    settings = load_settings(REPO / "training/configs/tiny_stage3_potsa.yaml",
+                             ["alignment_loss=infonce_sinkhorn", "ot_num_negatives=4", "ucb_reward=ratio_drop",
+                              "ucb_normalize_reward=true", "ot_sinkhorn_mode=converged"])  # fmt: skip
+    alignment = parse_settings(settings).alignment
+    assert (alignment.alignment_loss, alignment.ot_num_negatives, alignment.ot_sinkhorn_mode) == (
+        "infonce_sinkhorn", 4, "converged")  # fmt: skip
+    assert alignment.layer_scheduler(seed=0).signal == "ot_ratio"
+    assert AlignmentArguments(**json.loads(json.dumps(alignment.to_dict()))) == alignment
+    assert alignment.objective_kwargs()["objective"] == "infonce_sinkhorn"
+    defaults = AlignmentArguments()  # the paper's
+    assert (defaults.alignment_loss, defaults.ot_pair_reduction, defaults.ucb_rule, defaults.ucb_reward) == (
+        "sinkhorn", "mean", "potsa", "loss_drop")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"alignment_loss": "wasserstein"}, "alignment_loss.*Unknown alignment loss"),
+        ({"ot_pair_reduction": "max"}, "pair reduction"),
+        ({"ot_infonce_temperature": -1.0}, "temperature"),
+        ({"ot_variance_weight": -0.1}, "hinge weight"),
+        ({"ot_variance_target_std": 0.0}, "target std"),
+        ({"ot_sinkhorn_mode": "exact"}, "ot_sinkhorn_mode"),
+        ({"ot_num_negatives": 0}, "ot_num_negatives"),
+        ({"ucb_rule": "paper", "ot_layer_scheduler": "uniform"}, "ucb_rule"),
+        ({"ucb_reward": "ratio"}, "ucb_reward"),
+    ],
+)
+def test_bad_objective_and_scheduler_settings_are_refused_when_parsed(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        AlignmentArguments(**kwargs)
+
+
+def test_the_released_codes_configuration_trains_with_half_summed_pairs(corpus, model_yaml, tmp_path):
+    """English-X pairs, 0.5 * the sum of their divergences, the released UCB rule: the first step's OT term is
+    0.5 * 4 pairs (2 sentences x 2 non-English languages per batch) times the paper's mean over the same pairs."""
+    common = {"max_steps": 1, "save_steps": 100, "eval_split": None, "ot_pair_strategy": "english_anchor"}
+    paper = train(corpus, model_yaml, tmp_path / "paper", **common)
+    released = train(corpus, model_yaml, tmp_path / "released", ot_pair_reduction="half_sum", ucb_rule="released",
+                     **common)  # fmt: skip
+    assert released.state.log_history[0]["ot"] == pytest.approx(0.5 * 4 * paper.state.log_history[0]["ot"], rel=1e-4)
+    assert released.layer_callback.scheduler.config()["rule"] == "released"
