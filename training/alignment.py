@@ -304,18 +304,20 @@ def alignment_loss(
     if not pairs:
         return states.sum() * 0.0
     ot_kwargs = {"blur": blur, "mode": mode, **ot_kwargs}
-    rows = contrast_rows(pairs, strategy) if objective == "infonce_sinkhorn" else list(pairs)
-    if objective == "infonce_sinkhorn":
+    contrastive = objective == "infonce_sinkhorn"
+    rows = contrast_rows(pairs, strategy) if contrastive else list(pairs)
+    if contrastive:
         _check_negatives(negatives, rows, states.shape[0])
-    row_negatives = negatives if objective == "infonce_sinkhorn" else [()] * len(rows)
-    anchor_side = {index for (_, j), ks in zip(rows, row_negatives) for index in (j, *ks)}
+    else:
+        negatives = [()] * len(rows)
+    anchor_side = {index for (_, j), ks in zip(rows, negatives) for index in (j, *ks)}
     if strategy == "english_anchor_frozen":
         frozen = torch.zeros(states.shape[0], dtype=torch.bool, device=states.device)
         frozen[sorted(anchor_side)] = True
         states = torch.where(frozen[:, None, None], states.detach(), states)
     participants = torch.tensor(sorted(anchor_side | {i for i, _ in rows}), device=states.device)
-    if objective == "infonce_sinkhorn":
-        divergences, valid = _infonce_divergences(states, rows, row_negatives, **ot_kwargs)
+    if contrastive:
+        divergences, valid = _infonce_divergences(states, rows, negatives, **ot_kwargs)
         terms = infonce_terms(divergences, valid, temperature)
     else:
         compared = standardise_states(states, participants) if objective == "centred_sinkhorn" else states

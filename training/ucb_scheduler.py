@@ -21,20 +21,21 @@ The rule, written as a maximisation (larger is better everywhere; ``rule="potsa"
 - First visit: there is no earlier measurement to improve on, so the reward is 0, the value ``Q`` starts from: the
   first visit neither favours nor penalises the layer, stores the baseline for the next visit, and counts.
 
-Why the paper's reward does not decide. On the tiny benchmark its loss drops are ~1e-3 against a bonus of ~0.25 and
-a temperature >= 0.67 for the first 400 steps: the picks stay uniform (197 / 203). And an OT loss falls fastest where
-the layer collapses (every divergence shrinks with the states' spread), so its reward favours collapse. The ratio
-cannot be gamed that way (a collapse shrinks both divergences), and ``normalize_reward`` puts any reward on the
-bonus's scale: each reward is divided by the root mean square of the rewards so far (an EMA with weight ``ema``,
-bias-corrected as in Adam, over all arms), so ``|r| <= 1 / sqrt(1 - ema)`` and a steadily improving arm's ``Q``
-approaches 1 while a flat one's stays near 0. With ``beta = 1`` the bonus is then on that scale (``t = 20, n = 10``:
-0.55; ``t = 100, n = 50``: 0.30; ``t = 400, n = 200``: 0.17). The paper's temperature (``max(0.05, 0.999^t)``: 0.90
-at step 100, 0.67 at step 400, the floor from step 2995) turns a unit difference in ``Q`` into only a 3:1
-preference at step 100 and 4.5:1 at step 400; for runs of a few hundred steps ``temperature_decay = 0.99`` (0.37 at
-step 100, the floor from step 299) lets the bandit decide while the bonus keeps it exploring. In the simulated loop
-of ``test_layer_scheduler.py`` (one layer's ratio improves by 0.002 per visit under noise of std 0.002, the other's
-does not) that setting gives the improving layer over 80% of 400 picks and over 90% of the last 100, the paper's
-temperature a majority, raw rewards a coin toss, and two flat layers stay balanced.
+Why the paper's reward does not decide. On the tiny benchmark (as measured for issue 17) its loss drops were ~1e-3
+against a bonus of ~0.25 and a temperature >= 0.67 for the first 400 steps: the picks stayed even. And an OT loss
+falls fastest where the layer collapses (every divergence shrinks with the states' spread), so its reward favours
+collapse. The ratio cannot be gamed that way (a collapse shrinks both divergences), and ``normalize_reward`` puts
+any reward on the bonus's scale: each reward is divided by the root mean square of the rewards so far (an EMA with
+weight ``ema``, bias-corrected as in Adam, over all arms), so ``|r| <= 1 / sqrt(1 - ema)`` and a steadily improving
+arm's ``Q`` approaches 1 while a flat one's stays near 0. With ``beta = 1`` the bonus is then on that scale
+(``t = 20, n = 10``: 0.55; ``t = 100, n = 50``: 0.30; ``t = 400, n = 200``: 0.17). The paper's temperature
+(``max(0.05, 0.999^t)``: 0.90 at step 100, 0.67 at step 400, the floor from step 2995) turns a unit difference in
+``Q`` into only a 3:1 preference at step 100 and 4.5:1 at step 400; for runs of a few hundred steps
+``temperature_decay = 0.99`` (0.37 at step 100, the floor from step 299) lets the bandit decide while the bonus
+keeps it exploring. In the simulated loop of ``test_layer_scheduler.py`` (one layer's ratio improves by 0.002 per
+visit under noise of std 0.002, the other's does not) that setting gives the improving layer over 80% of 400 picks
+and over 90% of the last 100, the paper's temperature a majority, raw rewards a coin toss, and two flat layers stay
+balanced.
 
 Mapping to the paper's formula, ``score = Q - beta * sqrt(log t / (n + eps))`` sampled with
 ``softmax(-score / tau)``: that form is right only when its ``Q`` is a *cost*, the EMA of the loss change
@@ -208,12 +209,14 @@ class UCBLayerScheduler(LayerScheduler):
         return config | {key: value for key, value in chosen.items() if value != _PAPER_SETTINGS[key]}
 
     def state_dict(self) -> dict[str, Any]:
-        return super().state_dict() | {
+        state = super().state_dict() | {
             "value": self._as_list(self._value),
             "visits": self._as_list(self._visits),
-            "last_loss": self._as_list(self._last_measurement),
-            **({"reward_moment": self._reward_moment, "rewards_seen": self._rewards_seen} if self.normalize_reward else {}),
+            "last_loss": self._as_list(self._last_measurement),  # the signal's value; the key older states use
         }
+        if self.normalize_reward:
+            state |= {"reward_moment": self._reward_moment, "rewards_seen": self._rewards_seen}
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
