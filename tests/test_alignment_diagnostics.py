@@ -67,6 +67,8 @@ def test_eval_metrics_recall_parallel_utterances_of_an_aligned_layer():
     assert metrics["ot_recall_at_1_layer_3"] < 0.6  # chance is 1/6
     assert metrics["state_var_layer_1"] == pytest.approx(slot_variance(states[1]).mean().item())
     assert set(layer_alignment_metrics(states, sentence_ids, languages)) >= {"state_var_layer_2", "ot_par_layer_3"}
+    some = layer_alignment_metrics({1: states[1], 3: states[3]}, sentence_ids, languages)  # fewer layers in memory
+    assert some == metrics
 
 
 def test_eval_metrics_compare_a_capped_set_of_sentences_in_batched_calls(monkeypatch):
@@ -97,7 +99,7 @@ def test_eval_metrics_on_3000_utterances_of_8_languages_take_seconds():
     ("kwargs", "message"),
     [
         ({"languages": ["en"]}, "one of each per utterance"),
-        ({"layers": [4]}, "must lie in 1..3"),
+        ({"layers": [4]}, r"among the Q-Former layers given, \[1, 2, 3\]"),
         ({"max_sentences": 1}, "max_sentences"),
     ],
 )

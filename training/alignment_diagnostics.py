@@ -133,9 +133,29 @@ def _language_blocks(
     return blocks
 
 
+def _block_metrics(divergences: torch.Tensor, blocks: list[tuple[list[int], list[int]]]) -> dict[str, float]:
+    """ot_par, ot_nonpar, ot_ratio (when ot_nonpar > 0) and ot_recall_at_1 from the flattened (n, n) divergence
+    matrix of each language pair, row and column k both sentence k."""
+    parallel, others, hits = [], [], []
+    offset = 0
+    for a, b in blocks:
+        matrix = divergences[offset : offset + len(a) * len(b)].view(len(a), len(b))  # (n, n)
+        offset += len(a) * len(b)
+        diagonal = torch.eye(len(a), dtype=torch.bool)
+        parallel.append(matrix[diagonal])
+        others.append(matrix[~diagonal])
+        target = torch.arange(len(a))
+        hits += [(matrix.argmin(dim=1) == target).double().mean(), (matrix.argmin(dim=0) == target).double().mean()]
+    ot_par, ot_nonpar = torch.cat(parallel).double().mean().item(), torch.cat(others).double().mean().item()
+    metrics = {"ot_par": ot_par, "ot_nonpar": ot_nonpar, "ot_recall_at_1": torch.stack(hits).mean().item()}
+    if ot_nonpar > 0:  # identical states everywhere leave the ratio undefined
+        metrics["ot_ratio"] = ot_par / ot_nonpar
+    return metrics
+
+
 @torch.no_grad()
 def layer_alignment_metrics(
-    hidden_states: Sequence[torch.Tensor],
+    hidden_states: Sequence[torch.Tensor] | Mapping[int, torch.Tensor],
     sentence_ids: Sequence[str],
     languages: Sequence[str],
     *,
@@ -157,10 +177,11 @@ def layer_alignment_metrics(
     ``1 / shared sentences``.
 
     Args:
-        hidden_states (`Sequence[torch.Tensor]`): the model's ``qformer_hidden_states`` over the eval set (index
-            ``l`` = layer ``l``, index 0 the query embeddings), each `(num_utterances, num_queries, hidden_size)`.
+        hidden_states (`Sequence[torch.Tensor]` or `Mapping[int, torch.Tensor]`): the model's
+            ``qformer_hidden_states`` over the eval set (index ``l`` = layer ``l``, index 0 the query embeddings), or
+            only some layers by number (to keep fewer in memory), each `(num_utterances, num_queries, hidden_size)`.
         sentence_ids (`Sequence[str]`), languages (`Sequence[str]`): per utterance.
-        layers (`Iterable[int]`, *optional*): layers to measure; default every layer, 1 to the last.
+        layers (`Iterable[int]`, *optional*): layers to measure; default every layer given (from 1).
         max_sentences (`int`, *optional*, defaults to 16): the sentence cap.
         blur (`float`, *optional*, defaults to 0.05), mode (`str`, *optional*, defaults to "geomloss"): as the loss.
         seed (`int`, *optional*, defaults to 0): seeds the choice of sentences.
@@ -171,15 +192,17 @@ def layer_alignment_metrics(
         ``ot_par_layer_{l}``, ``ot_nonpar_layer_{l}``, ``ot_recall_at_1_layer_{l}`` and (when ``ot_nonpar > 0``)
         ``ot_ratio_layer_{l}``.
     """
-    layers = list(range(1, len(hidden_states)) if layers is None else layers)
+    by_layer = hidden_states if isinstance(hidden_states, Mapping) else dict(enumerate(hidden_states))
+    given = sorted(layer for layer in by_layer if layer >= 1)  # layer 0 holds the query embeddings
+    layers = given if layers is None else list(layers)
     count = len(sentence_ids)
-    if len(languages) != count or any(states.shape[0] != count for states in hidden_states):
+    if len(languages) != count or any(states.shape[0] != count for states in by_layer.values()):
         raise ValueError(
             f"Got {count} sentence ids, {len(languages)} languages and states for "
-            f"{[states.shape[0] for states in hidden_states]} utterances; give one of each per utterance."
+            f"{[states.shape[0] for states in by_layer.values()]} utterances; give one of each per utterance."
         )
-    if not all(1 <= layer < len(hidden_states) for layer in layers):
-        raise ValueError(f"Layers {layers} must lie in 1..{len(hidden_states) - 1}, the Q-Former's layers.")
+    if not set(layers) <= set(given):
+        raise ValueError(f"Layers {layers} must be among the Q-Former layers given, {given}.")
     if max_sentences < 2:
         raise ValueError(f"max_sentences must be >= 2 (Recall@1 needs a wrong candidate); got {max_sentences}.")
     blocks = _language_blocks(sentence_ids, languages, _capped_sentences(sentence_ids, languages, max_sentences, seed))
@@ -187,33 +210,17 @@ def layer_alignment_metrics(
     second = torch.tensor([j for a, b in blocks for _ in a for j in b], dtype=torch.long)
     metrics = {}
     for layer in layers:
-        states = hidden_states[layer]
+        states = by_layer[layer]
         metrics[f"state_var_layer_{layer}"] = slot_variance(states).mean().item()
         if not blocks:
             continue
+        index = first.to(states.device), second.to(states.device)
         divergences = torch.cat([
-            sinkhorn_divergence(states[first[k : k + chunk_size]], states[second[k : k + chunk_size]], blur=blur,
-                                mode=mode).cpu()
+            sinkhorn_divergence(states[index[0][k : k + chunk_size]], states[index[1][k : k + chunk_size]],
+                                blur=blur, mode=mode).cpu()
             for k in range(0, len(first), chunk_size)
         ])  # fmt: skip
-        parallel, others, hits = [], [], []
-        offset = 0
-        for a, b in blocks:
-            matrix = divergences[offset : offset + len(a) * len(b)].view(len(a), len(b))  # (n, n), sentence k = k
-            offset += len(a) * len(b)
-            diagonal = torch.eye(len(a), dtype=torch.bool)
-            parallel.append(matrix[diagonal])
-            others.append(matrix[~diagonal])
-            target = torch.arange(len(a))
-            hits += [(matrix.argmin(dim=1) == target).double().mean(), (matrix.argmin(dim=0) == target).double().mean()]
-        ot_par, ot_nonpar = torch.cat(parallel).double().mean().item(), torch.cat(others).double().mean().item()
-        metrics.update({
-            f"ot_par_layer_{layer}": ot_par,
-            f"ot_nonpar_layer_{layer}": ot_nonpar,
-            f"ot_recall_at_1_layer_{layer}": torch.stack(hits).mean().item(),
-        })  # fmt: skip
-        if ot_nonpar > 0:  # identical states everywhere leave the ratio undefined
-            metrics[f"ot_ratio_layer_{layer}"] = ot_par / ot_nonpar
+        metrics.update({f"{name}_layer_{layer}": value for name, value in _block_metrics(divergences, blocks).items()})
     return metrics
 
 
