@@ -73,6 +73,61 @@ def test_ucb_skips_steps_without_a_finite_loss(missing):
     assert scheduler.state_dict()["visits"] == [0]
 
 
+def _ratio_loop(scheduler: LayerScheduler, steps: int, seed: int = 0) -> list[int]:
+    """Layer 1's ot_ratio falls by 0.002 each time it is trained, layer 2's stays put; both are measured with noise
+    of std 0.002 (on the tiny benchmark the paper's loss drops were ~1e-3 against a bonus of ~0.25)."""
+    noise = random.Random(seed)
+    picks = []
+    for _ in range(steps):
+        arm = scheduler.select()
+        picks.append(arm)
+        trend = 0.002 * scheduler.pick_counts[arm] if arm == 1 else 0.0
+        scheduler.update(0.7 - trend + noise.gauss(0.0, 0.002))
+    return picks
+
+
+def test_a_normalised_ratio_reward_makes_the_better_layer_win():
+    steps, normalised = 400, {"reward": "ratio_drop", "normalize_reward": True}
+    decided = _ratio_loop(build_layer_scheduler("ucb", [1, 2], temperature_decay=0.99, **normalised), steps)
+    assert decided.count(1) > 0.8 * steps and decided[-100:].count(1) > 0.9 * 100
+    papers_temperature = _ratio_loop(build_layer_scheduler("ucb", [1, 2], **normalised), steps)
+    assert papers_temperature.count(1) > 0.6 * steps  # a majority, but T >= 0.67 keeps the preference soft
+    inert = _ratio_loop(build_layer_scheduler("ucb", [1, 2], reward="ratio_drop"), steps)  # raw rewards: ~1e-3
+    assert 0.4 * steps < inert.count(1) < 0.6 * steps
+    released = _ratio_loop(build_layer_scheduler("ucb", [1, 2], rule="released", **normalised), steps)
+    assert released.count(1) < 0.4 * steps  # the released rule prefers the arm that improves least
+    flat, noise = build_layer_scheduler("ucb", [1, 2], temperature_decay=0.99, **normalised), random.Random(1)
+    for _ in range(steps):  # neither improves: no false decision
+        flat.select()
+        flat.update(0.7 + noise.gauss(0.0, 0.002))
+    assert 0.35 * steps < flat.pick_counts[1] < 0.65 * steps
+
+
+def test_normalised_rewards_are_divided_by_their_running_rms():
+    scheduler = UCBLayerScheduler([2], normalize_reward=True)
+    for loss in (5.0, 3.0, 4.0):  # raw rewards: none (first visit), 2, -1
+        scheduler.select()
+        scheduler.update(loss)
+    second_moment = 0.9 * (0.1 * 2.0**2) + 0.1 * 1.0
+    rms = math.sqrt(second_moment / (1 - 0.9**2))
+    state = scheduler.state_dict()
+    assert state["value"] == pytest.approx([0.9 * (0.1 * 1.0) + 0.1 * (-1.0 / rms)])  # the first reward scales to 1
+    assert (state["reward_moment"], state["rewards_seen"]) == (pytest.approx(second_moment), 2)
+
+
+def test_the_released_rule_samples_softmax_of_minus_q_plus_the_bonus():
+    """Sslnon/semst's LayerSampler: score = Q - beta * sqrt(log t / (n + 1e-6)), p = softmax(-score / T),
+    T = max(0.05, 0.999^t), Q the EMA of the loss drop; here computed from the scheduler's own Q and n."""
+    scheduler = build_layer_scheduler("ucb", [1, 2, 3], seed=4, rule="released", beta=0.5)
+    _run(scheduler, 25)
+    state = scheduler.state_dict()
+    step = scheduler.step + 1
+    score = torch.tensor(state["value"]) - 0.5 * torch.sqrt(math.log(step) / (torch.tensor(state["visits"]) + 1e-6))
+    expected = torch.softmax(-score / max(0.05, 0.999**step), dim=0)
+    assert list(scheduler.probabilities().values()) == pytest.approx(expected.tolist())
+    assert scheduler.signal == "ot" and build_layer_scheduler("ucb", [1], reward="ratio_drop").signal == "ot_ratio"
+
+
 def test_update_before_select_raises():
     with pytest.raises(RuntimeError, match="select"):
         _build("ucb").update(1.0)
@@ -112,10 +167,28 @@ def test_resumed_scheduler_continues_exactly_like_an_uninterrupted_one(name):
     assert resumed.state_dict() == uninterrupted.state_dict()
 
 
+@pytest.mark.parametrize("settings", [{"normalize_reward": True, "reward": "ratio_drop"}, {"rule": "released"}])
+def test_resumed_ucb_with_new_settings_continues_exactly(settings):
+    uninterrupted = build_layer_scheduler("ucb", [1, 2, 3], seed=7, **settings)
+    expected = _run(uninterrupted, 60)
+    interrupted = build_layer_scheduler("ucb", [1, 2, 3], seed=7, **settings)
+    head = _run(interrupted, 30)
+    saved = json.loads(json.dumps(interrupted.state_dict()))
+    assert {key: saved["config"][key] for key in settings} == settings
+    resumed = build_layer_scheduler(**saved["config"])
+    resumed.load_state_dict(saved)
+    assert head + _run(resumed, 30) == expected
+    assert resumed.state_dict() == uninterrupted.state_dict()
+
+
 def test_loading_a_state_saved_with_other_settings_raises():
     saved = UCBLayerScheduler([1, 2, 3], beta=0.5).state_dict()
     with pytest.raises(ValueError, match="saved settings"):
         UCBLayerScheduler([1, 2, 3]).load_state_dict(saved)
+    with pytest.raises(ValueError, match="saved settings"):
+        UCBLayerScheduler([1, 2, 3], rule="released").load_state_dict(UCBLayerScheduler([1, 2, 3]).state_dict())
+    default = UCBLayerScheduler([1, 2, 3]).config()  # what checkpoints saved before the rule and reward existed hold
+    assert not {"rule", "reward", "normalize_reward"} & set(default)
 
 
 def test_ablation_schedulers():
@@ -140,13 +213,20 @@ def test_ablation_schedulers():
 def test_invalid_scheduler_arguments_raise(name, layers, message):
     with pytest.raises(ValueError, match=message):
         build_layer_scheduler(name, layers)
+    with pytest.raises(ValueError, match="UCB rule"):
+        build_layer_scheduler("ucb", [1, 2], rule="paper")
+    with pytest.raises(ValueError, match="UCB reward"):
+        build_layer_scheduler("ucb", [1, 2], reward="ratio")
 
 
-def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
+DDP_SETTINGS = [{}, {"rule": "released", "reward": "ratio_drop", "normalize_reward": True}]
+
+
+def _ddp_worker(rank: int, init_file: str, out_dir: str, settings: dict) -> None:
     """One of two gloo ranks: same seed, but a different local OT loss, and rank 1 sometimes has none."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        scheduler = _build("ucb", seed=3)
+        scheduler = build_layer_scheduler("ucb", [1, 2, 3], seed=3, **settings)
 
         def local_loss(layer: int, visits: int) -> float | None:
             if rank == 1 and scheduler.step % 5 == 0:
@@ -163,11 +243,13 @@ def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def test_ranks_pick_identical_layers_and_keep_identical_state_under_ddp(tmp_path):
+@pytest.mark.parametrize("settings", DDP_SETTINGS)
+def test_ranks_pick_identical_layers_and_keep_identical_state_under_ddp(tmp_path, settings):
     # fork: the ranks inherit the imported modules; spawn would re-import transformers (5-15 s per rank).
     ranks = mp.start_processes(
-        _ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False, start_method="fork"
-    )
+        _ddp_worker, args=(str(tmp_path / "init"), str(tmp_path), settings), nprocs=2, join=False,
+        start_method="fork",
+    )  # fmt: skip
     deadline = time.monotonic() + 60
     while not ranks.join(timeout=1):
         if time.monotonic() > deadline:
@@ -183,7 +265,7 @@ def test_ranks_pick_identical_layers_and_keep_identical_state_under_ddp(tmp_path
     def mean_loss(layer: int, visits: int) -> float:
         return _falling_loss(layer, visits) + (0.0 if reference.step % 5 == 0 else 1.0)
 
-    reference = _build("ucb", seed=3)
+    reference = build_layer_scheduler("ucb", [1, 2, 3], seed=3, **settings)
     assert _run(reference, 40, mean_loss) == rank0["picks"]
     assert reference.state_dict() == rank0["state"]
 

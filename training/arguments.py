@@ -25,6 +25,10 @@ from .alignment import ALIGNMENT_STRATEGIES, ANCHOR_STRATEGIES
 from .gradient_surgery import GRADIENT_SURGERY
 from .layer_scheduler import LayerScheduler
 from .layer_scheduler_callback import build_layer_scheduler
+from .objectives import ALIGNMENT_LOSSES, PAIR_REDUCTIONS, check_objective
+from .ucb_scheduler import UCB_REWARDS, UCB_RULES
+
+SINKHORN_MODES = ("geomloss", "converged")
 
 
 @dataclass
@@ -122,11 +126,44 @@ class DataArguments:
 @dataclass
 class AlignmentArguments:
     """How training aligns parallel utterances: ``loss = CE + ot_loss_weight * OT`` at the Q-Former layer(s) a
-    scheduler picks each step, between pairs a strategy draws. Validated here once, at construction; what needs the
-    model (its Q-Former depth, its languages) is checked by `check_model`."""
+    scheduler picks each step, between pairs a strategy draws, with the objective ``alignment_loss`` names (the
+    paper's, or a collapse-free one: `objectives.py`). Validated here once, at construction; what needs the model
+    (its Q-Former depth, its languages) is checked by `check_model`. The released code's settings: `ucb_scheduler.py`.
+    """
 
     ot_loss_weight: float = field(default=10.0, metadata={"help": "lambda in CE + lambda * OT (the paper: 10)."})
+    alignment_loss: str = field(
+        default="sinkhorn",
+        metadata={
+            "help": f"The OT term, one of {ALIGNMENT_LOSSES}: 'sinkhorn' (the paper: mean divergence of parallel "
+            "pairs; a constant Q-Former output minimises it), 'infonce_sinkhorn' (InfoNCE over -S / tau against "
+            "in-batch negatives) or 'centred_sinkhorn' (divergence of states standardised by the batch)."
+        },
+    )
     ot_blur: float = field(default=0.05, metadata={"help": "Sinkhorn blur; epsilon = blur ** 2 (the paper: 0.05)."})
+    ot_sinkhorn_mode: str = field(
+        default="geomloss",
+        metadata={"help": "'geomloss' (the paper's solver, stopped early) or 'converged' (the exact divergence)."},
+    )
+    ot_pair_reduction: str = field(
+        default="mean",
+        metadata={"help": f"One of {PAIR_REDUCTIONS}: the OT terms of a micro-batch's pairs averaged, summed, or "
+                  "summed and halved (the released code); 'sum'/'half_sum' are averaged over a step's micro-batches."},
+    )  # fmt: skip
+    ot_infonce_temperature: float = field(default=0.05, metadata={"help": "tau of 'infonce_sinkhorn'."})
+    ot_num_negatives: int = field(
+        default=8,
+        metadata={"help": "In-batch negatives per row of 'infonce_sinkhorn' (other sentences in the positive's "
+                  "language); it costs rows * (1 + this) divergences per layer."},
+    )  # fmt: skip
+    ot_variance_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the variance hinge added to the OT term (VICReg-style; 0: off)."},
+    )
+    ot_variance_target_std: float = field(
+        default=0.5,
+        metadata={"help": "The hinge's target per-slot std of the unit states over the batch (sqrt of state_var)."},
+    )
     ot_candidate_layers: list[int] = field(
         default_factory=lambda: [1, 2, 3],
         metadata={"help": "Q-Former layers (1-based block outputs) the scheduler may align (the paper: 1-3)."},
@@ -163,6 +200,20 @@ class AlignmentArguments:
         metadata={"help": f"How pairs are drawn, one of {ALIGNMENT_STRATEGIES} (the paper: random_pairwise)."},
     )
     anchor_language: str = field(default="en", metadata={"help": "Anchor of the English-anchor strategies."})
+    ucb_rule: str = field(
+        default="potsa",
+        metadata={"help": f"One of {UCB_RULES}: sample softmax((Q + bonus) / T) (the paper's intent) or "
+                  "softmax((bonus - Q) / T) (the released code, which prefers the layer whose loss falls least)."},
+    )  # fmt: skip
+    ucb_reward: str = field(
+        default="loss_drop",
+        metadata={"help": f"One of {tuple(UCB_REWARDS)}: the fall of the OT loss (the paper; a collapse earns it) "
+                  "or of ot_ratio (parallel / non-parallel divergence; measured every step at the chosen layers)."},
+    )  # fmt: skip
+    ucb_normalize_reward: bool = field(
+        default=False,
+        metadata={"help": "Divide UCB rewards by their running RMS, so they are on the exploration bonus's scale."},
+    )
     ucb_beta: float = field(default=1.0, metadata={"help": "UCB exploration weight."})
     ucb_ema: float = field(default=0.9, metadata={"help": "Weight of the old value in UCB's reward EMA."})
     ucb_temperature_floor: float = field(default=0.05, metadata={"help": "Lowest UCB softmax temperature."})
@@ -184,6 +235,21 @@ class AlignmentArguments:
         every = self.ot_gradient_cosine_every
         if isinstance(every, bool) or not (isinstance(every, int) and every >= 0):
             raise ValueError(f"`ot_gradient_cosine_every` must be an integer >= 0 (0 = off), got {every!r}.")
+        if self.ot_sinkhorn_mode not in SINKHORN_MODES:
+            raise ValueError(f"`ot_sinkhorn_mode` must be one of {SINKHORN_MODES}, got {self.ot_sinkhorn_mode!r}.")
+        negatives = self.ot_num_negatives
+        if isinstance(negatives, bool) or not (isinstance(negatives, int) and negatives >= 1):
+            raise ValueError(f"`ot_num_negatives` must be an integer >= 1, got {negatives!r}.")
+        try:
+            check_objective(self.alignment_loss, self.ot_pair_reduction, self.ot_infonce_temperature,
+                            self.ot_variance_weight, self.ot_variance_target_std)  # fmt: skip
+        except ValueError as error:
+            raise ValueError(f"Invalid objective settings (alignment_loss, ot_pair_reduction, ot_infonce_temperature, "
+                             f"ot_variance_weight, ot_variance_target_std): {error}") from None  # fmt: skip
+        if self.ucb_rule not in UCB_RULES:
+            raise ValueError(f"`ucb_rule` must be one of {UCB_RULES}, got {self.ucb_rule!r}.")
+        if self.ucb_reward not in UCB_REWARDS:
+            raise ValueError(f"`ucb_reward` must be one of {tuple(UCB_REWARDS)}, got {self.ucb_reward!r}.")
         self.layer_scheduler(seed=0)  # the scheduler checks its layers, weights, groups and hyper-parameters
 
     @property
@@ -194,6 +260,9 @@ class AlignmentArguments:
     def layer_scheduler(self, seed: int) -> LayerScheduler:
         """The scheduler these arguments name, seeded (use the same seed on every rank)."""
         ucb = {
+            "rule": self.ucb_rule,
+            "reward": self.ucb_reward,
+            "normalize_reward": self.ucb_normalize_reward,
             "beta": self.ucb_beta,
             "ema": self.ucb_ema,
             "temperature_floor": self.ucb_temperature_floor,
@@ -207,6 +276,14 @@ class AlignmentArguments:
             groups=self.ot_layer_groups,
             **(ucb if self.ot_layer_scheduler == "ucb" else {}),
         )
+
+    def objective_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `alignment.alignment_loss` these settings name (beside pairs and negatives)."""
+        return {
+            "objective": self.alignment_loss, "blur": self.ot_blur, "mode": self.ot_sinkhorn_mode,
+            "reduction": self.ot_pair_reduction, "temperature": self.ot_infonce_temperature,
+            "variance_weight": self.ot_variance_weight, "variance_target_std": self.ot_variance_target_std,
+        }  # fmt: skip
 
     def check_model(self, config: PotsaConfig) -> None:
         """Refuse settings this model cannot train with: layers it lacks, an anchor language it does not know."""

@@ -113,9 +113,10 @@ class LayerScheduler:
     """Base of all layer schedulers: validation, arms, pick counts, the rank-0 broadcast and (de)serialisation.
 
     The trainer calls ``select()`` once at the start of every optimizer step, applies the OT loss at
-    ``current_layers`` and calls ``update(ot_loss)`` once at the step's end with that (weighted) OT loss, detached
-    and averaged over the step's micro-batches. Subclasses only decide which arm to pick (``_choose``) and, for
-    adaptive ones, what to learn from the loss (``update``).
+    ``current_layers`` and calls ``update(measurement)`` once at the step's end with the scheduler's `signal` there,
+    detached and averaged over the step's micro-batches: ``"ot"``, the (weighted) OT loss, unless an adaptive
+    scheduler asks for another (``"ot_ratio"``, see `ucb_scheduler.py`). Subclasses only decide which arm to pick
+    (``_choose``) and, for adaptive ones, what to learn from the measurement (``update``).
 
     Args:
         candidate_layers (`Iterable[int]`):
@@ -130,6 +131,7 @@ class LayerScheduler:
     """
 
     name: ClassVar[str]
+    signal: str = "ot"  # what update() is fed
 
     def __init__(
         self,
@@ -207,10 +209,10 @@ class LayerScheduler:
         self._pick_counts[arm] += 1
         return arm
 
-    def update(self, ot_loss: float | None) -> None:
-        """Report the step's detached OT loss at ``current_layers``; ``None`` when this rank measured none.
+    def update(self, measurement: float | None) -> None:
+        """Report the step's `signal` at ``current_layers`` (detached); ``None`` when this rank measured none.
 
-        Call it on every rank, even with ``None``. Non-adaptive schedulers ignore the loss.
+        Call it on every rank, even with ``None``. Non-adaptive schedulers ignore it.
         """
         self._require_selection()
 

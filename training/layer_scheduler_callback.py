@@ -1,5 +1,6 @@
 """Layer scheduling inside the Trainer: build a scheduler by name, drive it through the training loop (one pick per
-optimizer step, one update with the step's OT loss), and keep its state in the Trainer's checkpoints."""
+optimizer step, one update with the step's measurement: its OT loss or ot_ratio), and keep its state in the
+Trainer's checkpoints."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def build_layer_scheduler(name: str, candidate_layers: Iterable[int], seed: int 
     """Build the scheduler called ``name`` ("ucb", "fixed", "uniform", "round_robin" or "all").
 
     ``kwargs`` are ``layer_weights`` / ``groups`` (see `LayerScheduler`) and the scheduler's hyper-parameters (only
-    "ucb" has any; see `UCBLayerScheduler`).
+    "ucb" has any: its rule, reward and the bandit's constants; see `UCBLayerScheduler`).
     """
     if name not in _SCHEDULERS:
         raise ValueError(f"Unknown layer scheduler {name!r}; choose one of {sorted(_SCHEDULERS)}.")
@@ -46,15 +47,16 @@ def build_layer_scheduler(name: str, candidate_layers: Iterable[int], seed: int 
 class LayerSchedulerCallback(TrainerCallback, ExportableState):
     """Drives a `LayerScheduler` from the `Trainer` loop and saves it with the Trainer's checkpoints.
 
-    The trainer's loss code reads ``callback.scheduler.current_layers`` and calls ``record(ot_loss)`` with the
-    detached OT loss of every training micro-batch (not during evaluation).
+    The trainer's loss code reads ``callback.scheduler.current_layers`` and calls ``record(measurement)`` with the
+    scheduler's `signal` (the detached OT loss, or ``ot_ratio``) of every training micro-batch that has one (not
+    during evaluation).
 
     When the events fire (``Trainer._run_epoch``, transformers 5.23): the Trainer prefetches the
     ``gradient_accumulation_steps`` micro-batches of an optimizer step; ``on_step_begin`` fires once, before the
     first micro-batch's forward; ``on_substep_end`` follows each other micro-batch; ``on_step_end`` fires once, after
     the last micro-batch's backward, the optimizer step, ``zero_grad`` and ``global_step += 1``, and before
     logging, saving and evaluation. So every micro-batch of a step sees the same layer, ``update`` sees all of them,
-    and the shorter last step of an epoch still gets one begin/end pair. Losses recorded after ``on_step_end``
+    and the shorter last step of an epoch still gets one begin/end pair. Measurements recorded after ``on_step_end``
     (e.g. by evaluation) are dropped at the next ``on_step_begin``.
 
     Checkpoints: ``Trainer._save_checkpoint`` stores `state` under ``stateful_callbacks["LayerSchedulerCallback"]``
@@ -73,11 +75,11 @@ class LayerSchedulerCallback(TrainerCallback, ExportableState):
 
     def __init__(self, scheduler: LayerScheduler | Mapping[str, Any]) -> None:
         self.scheduler = scheduler if isinstance(scheduler, LayerScheduler) else build_layer_scheduler(**scheduler)
-        self._step_losses: list[float] = []
+        self._measurements: list[float] = []
 
-    def record(self, ot_loss: float) -> None:
-        """Collect the detached OT loss of one training micro-batch of the current step."""
-        self._step_losses.append(float(ot_loss))
+    def record(self, measurement: float) -> None:
+        """Collect the scheduler's `signal` measured on one training micro-batch of the current step."""
+        self._measurements.append(float(measurement))
 
     @property
     def scheduler_state(self) -> dict[str, Any]:
@@ -106,13 +108,13 @@ class LayerSchedulerCallback(TrainerCallback, ExportableState):
         self.scheduler_state = saved["attributes"]["scheduler_state"]
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        self._step_losses.clear()
+        self._measurements.clear()
         self.scheduler.select()
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         # update(None) rather than no call: under DDP every rank must join the scheduler's all-reduce.
-        losses = self._step_losses
-        self.scheduler.update(sum(losses) / len(losses) if losses else None)
+        measured = self._measurements
+        self.scheduler.update(sum(measured) / len(measured) if measured else None)
 
 
 __all__ = ["LAYER_SCHEDULERS", "LayerSchedulerCallback", "build_layer_scheduler"]

@@ -7,8 +7,10 @@ Scaling, so that gradient accumulation and data parallelism give the update of o
   micro-batches and, with `average_tokens_across_devices`, processes; then multiplied by the number of processes
   because DDP averages gradients). This is transformers' own convention for models that accept loss kwargs.
 - OT is a mean over the pairs of a micro-batch, weighted by that micro-batch's share of the step's pairs (the
-  pairs of all micro-batches are drawn up front in `get_batch_samples`, from a generator seeded by the step, so a
-  resumed run draws the same pairs).
+  pairs of all micro-batches, with their negatives and non-parallel controls, are drawn up front in
+  `get_batch_samples`, from a generator seeded by the step, so a resumed run draws the same ones). With
+  ``ot_pair_reduction`` "sum" / "half_sum" a micro-batch's OT is its (halved) sum over pairs, as the released code
+  computes it per forward pass, and the step's OT is their mean over the step's micro-batches.
 Both terms are therefore already scaled for accumulation (`loss_is_scaled_for_ga = True`).
 
 Logged terms are on the logged loss's scale for any number of processes: the Trainer logs the mean over processes
@@ -17,7 +19,15 @@ of each process's loss, so ``ce`` and ``weighted_ot`` are the same means of each
 
 Layers: the scheduler's ``current_layers`` are ``(layer, weight)`` pairs (one layer of weight 1 in the paper's
 setting; a group or a fixed set of layers otherwise, see `layer_scheduler.py`), and the OT term is their weighted
-sum. Gradient surgery and CE/OT gradient cosines are `gradient_surgery.SplitGradientStep`'s.
+sum of the objective ``alignment_loss`` names (`objectives.py`). The scheduler is fed its `signal` per micro-batch:
+the OT term, or (``ucb_reward="ratio_drop"``) the arm's ``ot_ratio``, measured without gradients on the micro-batch's
+pairs and non-parallel controls. Gradient surgery and CE/OT gradient cosines are
+`gradient_surgery.SplitGradientStep`'s.
+
+Diagnostics (`alignment_diagnostics.py`): every training log carries ``state_var``, ``ot_par``, ``ot_nonpar`` and
+``ot_ratio`` of every candidate layer (``state_var_layer_1``, ...), computed without gradients when the log is
+written, from the last micro-batch before it (its states are kept, detached, for that), averaged over processes.
+Measuring one batch per log keeps the cost at one `sinkhorn_divergence` call of ``layers x 2 x pairs`` per log.
 """
 
 from __future__ import annotations
@@ -32,7 +42,15 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer
 
-from .alignment import alignment_loss, find_parallel_pairs, weighted_alignment_loss
+from .alignment import (
+    alignment_loss,
+    contrast_rows,
+    draw_negatives,
+    find_parallel_pairs,
+    nonparallel_pairs,
+    weighted_alignment_loss,
+)
+from .alignment_diagnostics import arm_ratio, batch_statistics, empty_statistics, statistics_logs
 from .arguments import AlignmentArguments
 from .distributed import all_reduce_sum
 from .evaluation import eval_batches, evaluate_model, write_results
@@ -43,7 +61,7 @@ from .sampler import ParallelBatchSampler
 
 logger = logging.getLogger(__name__)
 
-METADATA_KEYS = ("sentence_ids", "languages", "ot_pairs", "references")
+METADATA_KEYS = ("sentence_ids", "languages", "ot_pairs", "ot_negatives", "ot_nonparallel", "references")
 FROZEN_PREFIXES = ("speech_encoder.", "language_model.")
 
 
@@ -142,7 +160,9 @@ class PotsaTrainer(Trainer):
             SplitGradientStep.check_supported(self.is_deepspeed_enabled, self.is_fsdp_enabled, self.args.n_gpu,
                                               self.args.fp16)  # fmt: skip
         self._pairs_in_step = 0
+        self._micro_batches_in_step = 0
         self._terms = RunningTerms()
+        self._diagnosed_batch: tuple[dict[int, torch.Tensor], list, list] | None = None  # (states, pairs, controls)
 
     # ------------------------------------------------------------------------------------------------------ data
     @property
@@ -179,23 +199,48 @@ class PotsaTrainer(Trainer):
                 generator = torch.Generator().manual_seed(
                     hash((self.args.seed, self.args.process_index, self.state.global_step, index)) % 2**63
                 )
-                batch["ot_pairs"] = find_parallel_pairs(
-                    batch["sentence_ids"], batch["languages"], alignment.ot_pair_strategy,
-                    anchor_language=alignment.anchor_language, generator=generator,
-                )  # fmt: skip
+                sentence_ids, languages = batch["sentence_ids"], batch["languages"]
+                pairs = find_parallel_pairs(sentence_ids, languages, alignment.ot_pair_strategy,
+                                            anchor_language=alignment.anchor_language, generator=generator)  # fmt: skip
+                batch["ot_pairs"] = pairs
+                if alignment.alignment_loss == "infonce_sinkhorn":
+                    rows = contrast_rows(pairs, alignment.ot_pair_strategy)
+                    batch["ot_negatives"] = draw_negatives(sentence_ids, languages, rows, alignment.ot_num_negatives,
+                                                           generator)  # fmt: skip
+                batch["ot_nonparallel"] = nonparallel_pairs(sentence_ids, languages, pairs, generator)
             self._pairs_in_step = sum(len(batch["ot_pairs"]) for batch in batch_samples)
+            self._micro_batches_in_step = len(batch_samples)
             self._terms.count("ot_steps", 1 if self._pairs_in_step else 0)
         self.split_gradients.begin_step(self.state.global_step + 1, len(batch_samples))
         self._terms.count("steps")
         return batch_samples, num_items_in_batch
 
     # ------------------------------------------------------------------------------------------------------ loss
-    def _alignment_kwargs(self, pairs: Sequence[tuple[int, int]], languages: Sequence[str]) -> dict[str, Any]:
+    def _alignment_kwargs(self, metadata: Mapping[str, Any]) -> dict[str, Any]:
         alignment = self.alignment_args
         return {
-            "pairs": pairs, "strategy": alignment.ot_pair_strategy, "languages": languages,
-            "anchor_language": alignment.anchor_language, "blur": alignment.ot_blur,
+            "pairs": metadata["ot_pairs"], "strategy": alignment.ot_pair_strategy, "languages": metadata["languages"],
+            "anchor_language": alignment.anchor_language, "negatives": metadata["ot_negatives"],
+            **alignment.objective_kwargs(),
         }  # fmt: skip
+
+    def _share(self, pairs: Sequence[tuple[int, int]]) -> float:
+        """This micro-batch's weight in the step's OT term (module docstring)."""
+        if self.alignment_args.ot_pair_reduction == "mean":
+            return len(pairs) / max(self._pairs_in_step, 1)
+        return 1 / max(self._micro_batches_in_step, 1)
+
+    def _statistics(
+        self,
+        states: Mapping[int, torch.Tensor] | Sequence[torch.Tensor],
+        layers: Sequence[int],
+        pairs: Sequence[tuple[int, int]],
+        controls: Sequence[tuple[int, int]],
+    ) -> torch.Tensor:
+        """`batch_statistics` at ``layers`` with the loss's blur and solver."""
+        alignment = self.alignment_args
+        return batch_statistics(states, layers, pairs, controls, blur=alignment.ot_blur,
+                                mode=alignment.ot_sinkhorn_mode)  # fmt: skip
 
     def compute_loss(
         self,
@@ -214,7 +259,7 @@ class PotsaTrainer(Trainer):
         if model.training:
             self._terms.add("ce", loss.detach().item())  # micro-batch terms of one step sum to the step's CE
         if align:
-            loss = self._add_alignment(model, loss, outputs.qformer_hidden_states, pairs, metadata["languages"])
+            loss = self._add_alignment(model, loss, outputs.qformer_hidden_states, metadata)
         return (loss, outputs) if return_outputs else loss
 
     def _add_alignment(
@@ -222,19 +267,23 @@ class PotsaTrainer(Trainer):
         model: torch.nn.Module,
         ce: torch.Tensor,
         hidden_states: Sequence[torch.Tensor],
-        pairs: Sequence[tuple[int, int]],
-        languages: Sequence[str],
+        metadata: Mapping[str, Any],
     ) -> torch.Tensor:
-        """CE + this micro-batch's share of lambda * OT, through the gradient split on the steps that need it."""
+        """CE + this micro-batch's share of lambda * OT, through the gradient split on the steps that need it; feeds
+        the scheduler and keeps the states for the next log's diagnostics."""
         weight = self.alignment_args.ot_loss_weight
-        kwargs = self._alignment_kwargs(pairs, languages)
-        ot = weighted_alignment_loss(hidden_states, self.layer_callback.scheduler.current_layers, **kwargs)
-        share = len(pairs) / max(self._pairs_in_step, 1)
+        kwargs = self._alignment_kwargs(metadata)
+        pairs, controls = metadata["ot_pairs"], metadata["ot_nonparallel"]
+        scheduler = self.layer_callback.scheduler
+        ot = weighted_alignment_loss(hidden_states, scheduler.current_layers, **kwargs)
+        share = self._share(pairs)
         ot_term = weight * share * ot
         if pairs:
-            self.layer_callback.record(ot.detach().item())
+            self._record_signal(scheduler, hidden_states, pairs, controls, ot)
             self._terms.add("ot", share * ot.detach().item())
             self._terms.add("weighted_ot", ot_term.detach().item())
+        layers = scheduler.candidate_layers
+        self._diagnosed_batch = ({layer: hidden_states[layer].detach() for layer in layers}, pairs, controls)
         if not self.split_gradients.splitting:
             return ce + ot_term
         per_layer = {}
@@ -244,13 +293,44 @@ class PotsaTrainer(Trainer):
         trainable = [(n, p) for n, p in self.accelerator.unwrap_model(model).named_parameters() if p.requires_grad]
         return self.split_gradients.surrogate_loss(trainable, ce, ot_term, per_layer)
 
+    def _record_signal(
+        self,
+        scheduler: LayerScheduler,
+        hidden_states: Sequence[torch.Tensor],
+        pairs: Sequence[tuple[int, int]],
+        controls: Sequence[tuple[int, int]],
+        ot: torch.Tensor,
+    ) -> None:
+        """Give the scheduler this micro-batch's measurement of its `signal` (none when it cannot be measured)."""
+        if scheduler.signal == "ot":
+            self.layer_callback.record(ot.detach().item())
+            return
+        layers, weights = zip(*scheduler.current_layers)
+        ratio = arm_ratio(self._statistics(hidden_states, layers, pairs, controls), weights)
+        if ratio is not None:
+            self.layer_callback.record(ratio)
+
+    def _diagnostics(self) -> dict[str, float]:
+        """The candidate layers' statistics on the last training micro-batch, averaged over processes (every process
+        must call this together, as the training log does)."""
+        layers = self.layer_callback.scheduler.candidate_layers
+        if self._diagnosed_batch is None:  # this process trained no aligned micro-batch since the last log
+            totals = empty_statistics(len(layers))
+        else:
+            states, pairs, controls = self._diagnosed_batch
+            totals = self._statistics(states, layers, pairs, controls)
+        self._diagnosed_batch = None
+        return statistics_logs(all_reduce_sum(totals), layers)
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the loss terms, the current OT layer (or group) and the pick counts to training logs, and, when they
-        are on, the share of steps PCGrad projected and the mean gradient cosines measured since the last log."""
+        """Add the loss terms, the alignment diagnostics per candidate layer, the current OT layer (or group) and the
+        pick counts to training logs, and, when they are on, the share of steps PCGrad projected and the mean
+        gradient cosines measured since the last log."""
         if "loss" in logs:  # a training log, made on every process at once: the terms' reduction can run
             means = self._terms.pop_means({"ce": "steps", "weighted_ot": "steps", "ot": "ot_steps"})
             logs.update({key: means[key] for key in ("ce", "ot", "weighted_ot") if key in means})
             if self.ot_enabled:
+                logs.update(self._diagnostics())
                 scheduler = self.layer_callback.scheduler
                 arm = scheduler.current_arm
                 if isinstance(arm, tuple):
