@@ -20,7 +20,7 @@ from benchmarks.report import ALL, HEADLINE, HEADLINE_CATEGORIES
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-DIAGNOSTICS = ("state_var", "ot_ratio", "recall_at_1")  # per layer, from each run's final evaluation
+DIAGNOSTICS = ("state_var", "ot_ratio", "ot_recall_at_1")  # per layer, from each run's final evaluation
 
 
 def _scores(results: Sequence[Mapping[str, Any]], languages: Sequence[str], categories: str) -> list[dict]:

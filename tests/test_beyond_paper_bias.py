@@ -18,13 +18,8 @@ from potsa_training.bias_estimation import (
     estimate_language_bias,
 )
 from potsa_training.collator import PotsaCollator
-from potsa_training.evaluation import (
-    _probe_split,
-    eval_batches,
-    evaluate_model,
-    language_id_probe,
-    language_probe_metrics,
-)
+from potsa_training.evaluation import eval_batches, evaluate_model
+from potsa_training.representation_probes import _probe_split, language_id_probe, language_probe_metrics
 from potsa_training.tiny import build_tiny_potsa
 
 from .test_data import _parallel_rows

@@ -20,11 +20,10 @@ from potsa_training.evaluation import (
     Prediction,
     eval_batches,
     evaluate_model,
-    one_minus_jsd,
-    recall_at_1,
     score_predictions,
     write_results,
 )
+from potsa_training.representation_probes import one_minus_jsd, recall_at_1
 
 from .test_data import _parallel_rows
 
@@ -139,6 +138,10 @@ def test_categories_reach_the_predictions_through_eval_batches(tiny):
     ]  # fmt: skip
     assert result.category_sets == {"number+time": ["number", "time"]}  # both categories occur
     assert set(result.per_category["ja"]) == {"number", UNCATEGORIZED, "number+time"}  # ja's set: its number alone
+    layers = model.config.num_qformer_layers  # every layer's OT diagnostics, from the states of the whole eval set
+    for layer in range(1, layers + 1):
+        assert 0 <= result.alignment[f"state_var_layer_{layer}"] <= 1
+        assert {f"ot_par_layer_{layer}", f"ot_recall_at_1_layer_{layer}"} <= set(result.alignment)
 
 
 def test_recall_at_1_and_jsd_on_aligned_and_shuffled_states():
