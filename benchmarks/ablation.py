@@ -6,9 +6,9 @@ and intervals on the offline corpus.
     python -m benchmarks.ablation --suite beyond           # layer sets / PCGrad / affine compensation rows
 
 Every row is a stage 3 (training/configs/tiny_stage3_potsa.yaml, the demo's: 400 steps at lr 1e-3, lambda 1, UCB
-over Q-Former layers 1-2) with the row's overrides, started from a stage-2 checkpoint. Stage 2 has 3 seeds (the
-demo's, `python -m benchmarks.demo`, run first if missing, and two more chains of stages 1-2), and every row runs
-2 stage-3 seeds from each: 6 runs per row (`MIN_RUNS` in intervals.py). Rows marked "3 runs" run one stage-3 seed
+over Q-Former layers 1-2) with the row's overrides, started from a stage-2 checkpoint. Stages 1-2 (the demo's) run
+with 3 seeds, on the full corpus (every split of every language; the demo speaks less), and every row runs 2
+stage-3 seeds from each: 6 runs per row (`MIN_RUNS` in intervals.py). Rows marked "3 runs" run one stage-3 seed
 per stage 2: their intervals are indicative, no claim rests on them. Every run reports on every test utterance.
 
 Each row is compared with its control (the CE-only baseline of the same zero-shot protocol) by a paired bootstrap
@@ -102,21 +102,40 @@ SUITES = {"rows": ROWS, "regime": REGIME, "beyond": BEYOND}
 
 
 def stage2_dir(args: argparse.Namespace, seed: int) -> Path:
-    """Stage 2 of seed 0 is the demo's; the others are this benchmark's own."""
-    return args.demo / demo.STAGES[-1] if seed == args.stage2_seeds[0] else args.out / f"stage2_seed{seed}" / demo.STAGES[-1]
+    return args.out / f"stage2_seed{seed}" / demo.STAGES[-1]
 
 
 def stage2_jobs(args: argparse.Namespace, common: dict[str, Any]) -> list[Job]:
-    """Stages 1-2 for every stage-2 seed but the demo's, with the demo's settings and the seed changed."""
+    """Stages 1-2 (the demo's settings) for every stage-2 seed. The first seed's stage 1 runs alone first: it fills
+    the encoder cache with the train split, so the chains that run side by side only ever read it."""
     jobs = []
-    for seed in args.stage2_seeds[1:]:
+    for seed in args.stage2_seeds:
         chain = args.out / f"stage2_seed{seed}"
-        first = {"model_config": str(args.demo / "model_tiny.yaml")}
-        for stage, previous in zip(demo.STAGES, (first, {"init_from": str(chain / demo.STAGES[0])})):
+        first_stage = f"seed{args.stage2_seeds[0]}/{demo.STAGES[0]}"
+        previous: dict[str, Any] = {"model_config": str(args.out / "model_tiny.yaml")}
+        after = [] if seed == args.stage2_seeds[0] else [first_stage]
+        for stage in demo.STAGES:
             settings = {**common, **previous, "seed": seed, "test_split": None}
-            after = [f"seed{seed}/{demo.STAGES[0]}"] if stage != demo.STAGES[0] else []
             jobs.append(Job(f"seed{seed}/{stage}", chain / stage, stage, settings, after))
+            previous, after = {"init_from": str(chain / stage)}, [f"seed{seed}/{stage}"]
     return jobs
+
+
+def prepare(args: argparse.Namespace) -> dict[str, Any]:
+    """The full corpus (every split of every language: the parallel-audio protocol trains on the zero-shot
+    languages' audio, the selection reads validation), the stand-ins, the stage-2 chains, and the encoder cache of
+    everything the stage-3 runs read; returns the settings every stage shares."""
+    roles = language_roles(args.seen, args.zero_shot)
+    spec = demo.CorpusSpec()
+    corpus = demo.prepare_corpus(args.corpus, roles, spec)
+    args.out.mkdir(parents=True, exist_ok=True)
+    demo.write_model_config(args.out, demo.prepare_standins(corpus, roles, spec, args.out), roles)
+    common = demo.stage_settings(args.out, args.corpus, roles, seed=0)
+    execute(stage2_jobs(args, common), args.workers, args.out / "logs", description="stage-2 chains")
+    for seed in args.stage2_seeds:
+        bind_to_checkpoint(args.out / "rows" / f"stage2_seed{seed}", stage2_dir(args, seed))
+    demo.cache_stage3_inputs(stage2_dir(args, args.stage2_seeds[0]), common, roles, zero_shot_train=True)
+    return common
 
 
 def row_runs(args: argparse.Namespace, row: Row) -> list[tuple[int, int]]:
@@ -126,23 +145,22 @@ def row_runs(args: argparse.Namespace, row: Row) -> list[tuple[int, int]]:
 
 
 def run_dir(args: argparse.Namespace, name: str, stage2_seed: int, stage3_seed: int) -> Path:
-    return args.out / "rows" / slug(name) / f"stage2_seed{stage2_seed}_stage3_seed{stage3_seed}"
+    """Under the stage 2 it starts from (`prepare` binds that folder to the checkpoint: a rebuilt stage 2 refuses
+    to reuse the runs of the old one)."""
+    return args.out / "rows" / f"stage2_seed{stage2_seed}" / slug(name) / f"stage3_seed{stage3_seed}"
 
 
-def plan(args: argparse.Namespace, rows: dict[str, Row]) -> list[Job]:
-    """The stage-2 chains, then every row's stage-3 runs from them (each after its stage 2 exists)."""
-    roles = language_roles(args.seen, args.zero_shot)
-    common = demo.stage_settings(args.demo, args.corpus, roles, seed=0)
-    jobs = stage2_jobs(args, common)
+def plan(args: argparse.Namespace, rows: dict[str, Row], common: dict[str, Any]) -> list[Job]:
+    """Every row's stage-3 runs from the stage-2 checkpoints (`prepare` made them)."""
     stage3 = {**common, "test_split": "test", "bias_max_per_language": demo.BIAS_UTTERANCES}
     if args.suite == "regime":
         stage3.update(max_steps=-1, num_train_epochs=REGIME_EPOCHS, warmup_steps=200, logging_steps=100)
+    jobs = []
     for name, row in rows.items():
         for stage2_seed, stage3_seed in row_runs(args, row):
-            after = [] if stage2_seed == args.stage2_seeds[0] else [f"seed{stage2_seed}/{demo.STAGES[-1]}"]
             settings = {**stage3, "init_from": str(stage2_dir(args, stage2_seed)), "seed": stage3_seed, **row.overrides}
             out_dir = run_dir(args, name, stage2_seed, stage3_seed)
-            jobs.append(Job(f"{name} / {stage2_seed}.{stage3_seed}", out_dir, "tiny_stage3_potsa", settings, after))
+            jobs.append(Job(f"{name} / {stage2_seed}.{stage3_seed}", out_dir, "tiny_stage3_potsa", settings))
     return jobs
 
 
@@ -156,21 +174,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seen", nargs="+", default=demo.SEEN)
     parser.add_argument("--zero-shot", nargs="+", default=demo.ZERO_SHOT)
     parser.add_argument("--out", type=Path, default=Path("runs/ablation"))
-    parser.add_argument("--demo", type=Path, default=Path("runs/demo"), help="the demo's output (made if missing)")
-    parser.add_argument("--corpus", type=Path, default=Path("data/demo_corpus"))
+    parser.add_argument("--corpus", type=Path, default=Path("data/ablation_corpus"), help="made if missing")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks/results")
     args = parser.parse_args(argv)
     args.stage2_seeds = args.stage2_seeds or ([0] if args.suite == "regime" else [0, 1, 2])
     roles = language_roles(args.seen, args.zero_shot)
-    if not (args.demo / demo.STAGES[-1] / "config.json").exists():
-        demo.main(["--out", str(args.demo), "--corpus", str(args.corpus), "--seen", *args.seen,
-                   "--zero-shot", *args.zero_shot])  # fmt: skip
-    bind_to_checkpoint(args.out, args.demo / demo.STAGES[-1])
     rows = SUITES[args.suite]
-    common = demo.stage_settings(args.demo, args.corpus, roles, seed=0)
-    demo.cache_stage3_inputs(args.demo / demo.STAGES[-1], common, roles, zero_shot_train=True)
     start = time.perf_counter()
-    execute(plan(args, rows), args.workers, args.out / "logs", description=f"ablation ({args.suite})")
+    common = prepare(args)
+    execute(plan(args, rows, common), args.workers, args.out / "logs", description=f"ablation ({args.suite})")
     runs = {name: [run_dir(args, name, *pair) for pair in row_runs(args, row)] for name, row in rows.items()}
     controls = {name: row.control for name, row in rows.items()}
     timing = {"wall_seconds": time.perf_counter() - start, "pace_ratio": pace_ratio(), "workers": args.workers}

@@ -3,8 +3,9 @@
     python -m benchmarks.stage3_selection
 
 Each row is the demo's stage 3 (training/configs/tiny_stage3_potsa.yaml: BC + OT with UCB over layers 1-2, 400
-steps, seed 0) from the demo's stage-2 checkpoint with one (learning rate, lambda, objective), reported on the whole
-validation split (every language, every category); the CE-only control of the same run length sits beside them.
+steps, seed 0) from the ablation's first stage-2 checkpoint (the demo's stages 1-2, on the full corpus, which has a
+validation split; `python -m benchmarks.ablation` makes it, and so does this script if it is missing) with one
+(learning rate, lambda, objective), reported on the whole validation split (every language, every category); the CE-only control of the same run length sits beside them.
 The demo's POTSA row takes the paper's objective at the (learning rate, lambda) with the best seen-language exact
 match; the other objectives' rows say whether any of them would be chosen instead. Jobs run like the ablation's
 (single-threaded `training/run.py` subprocesses, resumable).
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import demo
+from benchmarks import ablation, demo
 from benchmarks.bench_machine_pace import pace_ratio
 from benchmarks.corpus.roles import language_roles
 from benchmarks.jobs import REPO, Job, bind_to_checkpoint, execute, slug
@@ -39,16 +40,16 @@ def row_name(learning_rate: float, weight: float, objective: str) -> str:
     return f"lr {learning_rate:g}, lambda {weight:g}, {objective}"
 
 
-def plan(args: argparse.Namespace) -> list[Job]:
-    """One demo stage 3 per grid row and the control, from the demo's stage-2 checkpoint, reported on validation."""
-    roles = language_roles(args.seen, args.zero_shot)
+def plan(args: argparse.Namespace, common: dict[str, Any]) -> list[Job]:
+    """One demo stage 3 per grid row and the control, from the ablation's first stage 2, reported on validation."""
     common = {
-        **demo.stage_settings(args.demo, args.corpus, roles, seed=0), "init_from": str(args.demo / demo.STAGES[-1]),
-        "test_split": "validation", "bias_max_per_language": demo.BIAS_UTTERANCES,
+        **common, "init_from": str(ablation.stage2_dir(args, 0)), "test_split": "validation",
+        "bias_max_per_language": demo.BIAS_UTTERANCES,
     }  # fmt: skip
     rows = {"CE-only control (lr 0.001)": CONTROL}
     rows |= {row_name(*row): {"learning_rate": row[0], "ot_loss_weight": row[1], "alignment_loss": row[2]} for row in GRID}
-    return [Job(name, args.out / slug(name), "tiny_stage3_potsa", {**common, **overrides}) for name, overrides in rows.items()]
+    return [Job(name, args.selection / slug(name), "tiny_stage3_potsa", {**common, **overrides})
+            for name, overrides in rows.items()]  # fmt: skip
 
 
 def _cells(results: dict[str, Any], groups: list[str]) -> list[str]:
@@ -59,21 +60,21 @@ def _cells(results: dict[str, Any], groups: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.stage3_selection", description=__doc__.splitlines()[0])
-    parser.add_argument("--demo", type=Path, default=Path("runs/demo"), help="the demo's output (stage 2 is used)")
-    parser.add_argument("--corpus", type=Path, default=Path("data/demo_corpus"))
+    parser.add_argument("--out", type=Path, default=Path("runs/ablation"), help="the ablation's (its stage 2 seed 0)")
+    parser.add_argument("--corpus", type=Path, default=Path("data/ablation_corpus"), help="the ablation's")
     parser.add_argument("--seen", nargs="+", default=demo.SEEN)
     parser.add_argument("--zero-shot", nargs="+", default=demo.ZERO_SHOT)
-    parser.add_argument("--out", type=Path, default=Path("runs/stage3_selection"))
+    parser.add_argument("--selection", type=Path, default=Path("runs/stage3_selection"), help="this script's runs")
     parser.add_argument("--workers", type=int, default=2, help="training processes at a time (one thread each)")
     parser.add_argument("--results", type=Path, default=REPO / "benchmarks/results")
     args = parser.parse_args(argv)
+    args.stage2_seeds = [0]
     roles = language_roles(args.seen, args.zero_shot)
-    if not (args.demo / demo.STAGES[-1] / "config.json").exists():
-        raise SystemExit(f"No stage-2 checkpoint in {args.demo / demo.STAGES[-1]}: run `python -m benchmarks.demo` first.")
-    bind_to_checkpoint(args.out, args.demo / demo.STAGES[-1])
-    jobs = plan(args)
     start = time.perf_counter()
-    execute(jobs, args.workers, args.out / "logs", description="stage-3 selection")
+    common = ablation.prepare(args)
+    bind_to_checkpoint(args.selection, ablation.stage2_dir(args, 0))
+    jobs = plan(args, common)
+    execute(jobs, args.workers, args.selection / "logs", description="stage-3 selection")
     minutes = (time.perf_counter() - start) / 60
     table = {job.name: json.loads((job.out_dir / "results.json").read_text()) for job in jobs}
     paper = [job.name for job in jobs if job.name.endswith(", sinkhorn")]

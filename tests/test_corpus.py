@@ -177,3 +177,17 @@ def test_corpus_cli_speaks_seen_and_zero_shot_languages(tmp_path, capsys) -> Non
     summary = capsys.readouterr().out
     assert "es        seen" in summary and "ko        distant" in summary
     assert set(datasets.load_from_disk(str(out))["test"]["language"]) == {"es", "ko"}
+
+
+def test_subsets_speak_fewer_sentences_of_a_split_spread_over_its_categories() -> None:
+    sizes = {"train": 12, "validation": 3, "test": 3}
+    full = sentence_inventory(sizes, seed=0, languages=["es"])
+    corpus = generate_corpus(["es", "ja"], num_sentences=sizes, seed=0, workers=1,
+                             subsets={"ja": {"train": 4, "validation": 0}})  # fmt: skip
+    ja_train = corpus["train"].filter(lambda row: row["language"] == "ja")
+    assert len(ja_train) == 4 and len(corpus["train"].filter(lambda row: row["language"] == "es")) == 12
+    assert set(ja_train["sentence_id"]) <= {sentence.sentence_id for sentence in full["train"]}  # still parallel
+    assert len(set(ja_train["category"])) > 1  # spread over the split, not its first category
+    assert "ja" not in set(corpus["validation"]["language"]) and set(corpus["test"]["language"]) == {"es", "ja"}
+    with pytest.raises(ValueError, match="subsets"):
+        generate_corpus(["es"], num_sentences=sizes, subsets={"fr": {"train": 1}})

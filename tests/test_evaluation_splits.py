@@ -54,16 +54,16 @@ def test_benchmarks_report_on_the_split_they_mean(tmp_path):
     the demo's stages 1-2 are not evaluated."""
     args = argparse.Namespace(
         suite="rows", stage2_seeds=[0, 1, 2], stage3_seeds=[0, 1], seen=demo.SEEN, zero_shot=demo.ZERO_SHOT,
-        out=tmp_path / "out", demo=tmp_path / "demo", corpus=tmp_path / "corpus",
+        out=tmp_path / "out", corpus=tmp_path / "corpus", selection=tmp_path / "selection",
     )  # fmt: skip
-    for job in stage3_selection.plan(args):
-        data, eval_strategy = data_arguments(CONFIGS / f"{job.config}.yaml", job_overrides(job.settings))
-        assert data.report_split == "validation" and eval_strategy == "no"
-    for job in ablation.plan(args, ablation.ROWS):
-        data, eval_strategy = data_arguments(CONFIGS / f"{job.config}.yaml", job_overrides(job.settings))
-        assert data.report_split == ("test" if job.config == "tiny_stage3_potsa" else None) and eval_strategy == "no"
     roles = language_roles(demo.SEEN, demo.ZERO_SHOT)
     common = demo.stage_settings(tmp_path, tmp_path, roles, seed=0)
+    for job in stage3_selection.plan(args, common):
+        data, eval_strategy = data_arguments(CONFIGS / f"{job.config}.yaml", job_overrides(job.settings))
+        assert data.report_split == "validation" and eval_strategy == "no"
+    for job in [*ablation.stage2_jobs(args, common), *ablation.plan(args, ablation.ROWS, common)]:
+        data, eval_strategy = data_arguments(CONFIGS / f"{job.config}.yaml", job_overrides(job.settings))
+        assert data.report_split == ("test" if job.config == "tiny_stage3_potsa" else None) and eval_strategy == "no"
     for job in demo.stage3_jobs(tmp_path, tmp_path / "stage2", common):
         data, _ = data_arguments(CONFIGS / f"{job.config}.yaml", job_overrides(job.settings))
         assert data.report_split == "test"

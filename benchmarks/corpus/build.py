@@ -76,6 +76,13 @@ def _dataset(rows: Sequence[tuple[_Row, Clip]], split: str, description: str) ->
     )
 
 
+def _spoken(sentences: Sequence[Sentence], count: int | None) -> list[Sentence]:
+    """All `sentences`, or `count` of them evenly spaced (the split is ordered by category: this keeps its mix)."""
+    if count is None or count >= len(sentences):
+        return list(sentences)
+    return [sentences[index * len(sentences) // count] for index in range(count)]
+
+
 def generate_corpus(
     languages: Sequence[str],
     out_dir: str | os.PathLike | None = None,
@@ -87,24 +94,32 @@ def generate_corpus(
     speakers: SpeakerRanges = SpeakerRanges(),
     workers: int = 2,
     progress: bool = False,
+    subsets: Mapping[str, Mapping[str, int]] | None = None,
 ) -> datasets.DatasetDict:
     """Synthesizes every sentence of the inventory in every language; saved to `out_dir` when given.
 
     Every language gets all three splits (hold a language out of training by filtering the train split on
     `language`). `num_sentences` counts sentences per split (an int is a total split 80/10/10), so a split
-    has about num_sentences[split] * len(languages) clips. A clip longer than `max_seconds` after trimming is
-    synthesized again with a newly drawn speaker, up to `max_redraws` times, and then dropped; both are
-    logged. Same arguments give byte-identical arrays, whatever `workers` is.
+    has about num_sentences[split] * len(languages) clips. `subsets` speaks fewer sentences of some splits in some
+    languages, `{language: {split: count}}`, spread evenly over the split (so over its categories): e.g. a zero-shot
+    language whose train audio only estimates its bias vector. Sentences and splits are the same as without it, so
+    such a corpus stays parallel to a full one. A clip longer than `max_seconds` after trimming is synthesized again
+    with a newly drawn speaker, up to `max_redraws` times, and then dropped; both are logged. Same arguments give
+    byte-identical arrays, whatever `workers` is.
     """
     if not languages or len(set(languages)) != len(languages):
         raise ValueError(f"languages must be a non-empty list without repeats, got {list(languages)}")
+    subsets = dict(subsets or {})
+    unknown = {code: sorted(set(splits) - set(SPLITS)) for code, splits in subsets.items()}
+    if set(subsets) - set(languages) or any(unknown.values()):
+        raise ValueError(f"subsets name languages or splits the corpus does not have: {subsets}")
     lexicons = [load_lexicon(code) for code in languages]
     inventory = sentence_inventory(num_sentences, seed, categories, languages)
     rows = [
         _Row(split, sentence, ClipRequest(lexicon.code, lexicon.voice, sentence.sentence_id, text))
         for lexicon in lexicons
         for split in SPLITS
-        for sentence in inventory[split]
+        for sentence in _spoken(inventory[split], subsets.get(lexicon.code, {}).get(split))
         if (text := sentence.transcripts.get(lexicon.code)) is not None
     ]
     clips = synthesize([row.request for row in rows], seed, speakers, max_seconds, max_redraws, workers, progress)
@@ -115,6 +130,7 @@ def generate_corpus(
     description = (
         f"eSpeak NG n-way parallel speech, X -> zh: languages={list(languages)} num_sentences={num_sentences} "
         f"seed={seed} categories={list(categories)} max_seconds={max_seconds} speakers={speakers}"
+        + (f" subsets={subsets}" if subsets else "")
     )
     kept = [(row, clip) for row, clip in zip(rows, clips) if clip.audio is not None]
     corpus = datasets.DatasetDict(
