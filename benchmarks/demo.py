@@ -121,10 +121,11 @@ def prepare_standins(corpus: datasets.DatasetDict, roles: LanguageRoles, spec: C
     return out / "standins"
 
 
-def write_model_config(out: Path, standins: Path, roles: LanguageRoles) -> Path:
-    """training/configs/model_tiny.yaml with these stand-ins and languages, as out/model_tiny.yaml."""
+def write_model_config(out: Path, standins: Path, roles: LanguageRoles, llm: Path | None = None) -> Path:
+    """training/configs/model_tiny.yaml with these stand-ins (the LLM: `llm`, default standins/llm) and languages, as
+    out/model_tiny.yaml."""
     settings = yaml.safe_load((REPO / "training/configs/model_tiny.yaml").read_text())
-    settings.update(encoder_model_id=str(standins / "encoder"), text_model_id=str(standins / "llm"),
+    settings.update(encoder_model_id=str(standins / "encoder"), text_model_id=str(llm or standins / "llm"),
                     languages=roles.languages)  # fmt: skip
     path = out / "model_tiny.yaml"
     path.write_text(yaml.safe_dump(settings, allow_unicode=True, sort_keys=False))

@@ -179,7 +179,7 @@ def test_corpus_cli_speaks_seen_and_zero_shot_languages(tmp_path, capsys) -> Non
     assert set(datasets.load_from_disk(str(out))["test"]["language"]) == {"es", "ko"}
 
 
-def test_subsets_speak_fewer_sentences_of_a_split_spread_over_its_categories() -> None:
+def test_subsets_speak_fewer_sentences_of_a_split_spread_over_its_categories(tmp_path) -> None:
     sizes = {"train": 12, "validation": 3, "test": 3}
     full = sentence_inventory(sizes, seed=0, languages=["es"])
     corpus = generate_corpus(["es", "ja"], num_sentences=sizes, seed=0, workers=1,
@@ -189,5 +189,7 @@ def test_subsets_speak_fewer_sentences_of_a_split_spread_over_its_categories() -
     assert set(ja_train["sentence_id"]) <= {sentence.sentence_id for sentence in full["train"]}  # still parallel
     assert len(set(ja_train["category"])) > 1  # spread over the split, not its first category
     assert "ja" not in set(corpus["validation"]["language"]) and set(corpus["test"]["language"]) == {"es", "ja"}
+    unspoken = generate_corpus(["es"], num_sentences=sizes, workers=1, subsets={"es": {"validation": 0}}, out_dir=tmp_path)
+    assert list(datasets.load_from_disk(str(tmp_path))) == ["train", "test"] == list(unspoken)  # no empty split
     with pytest.raises(ValueError, match="subsets"):
         generate_corpus(["es"], num_sentences=sizes, subsets={"fr": {"train": 1}})

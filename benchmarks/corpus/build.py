@@ -133,8 +133,10 @@ def generate_corpus(
         + (f" subsets={subsets}" if subsets else "")
     )
     kept = [(row, clip) for row, clip in zip(rows, clips) if clip.audio is not None]
+    # A split nobody speaks (subsets) is left out: `datasets` cannot load an empty split back from disk.
+    spoken = [split for split in SPLITS if any(row.split == split for row, _ in kept)]
     corpus = datasets.DatasetDict(
-        {split: _dataset([item for item in kept if item[0].split == split], split, description) for split in SPLITS}
+        {split: _dataset([item for item in kept if item[0].split == split], split, description) for split in spoken}
     )
     if out_dir is not None:
         corpus.save_to_disk(os.fspath(out_dir))
