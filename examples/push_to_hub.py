@@ -126,6 +126,8 @@ def render_model_card(
         per_language=results.get("per_language", {}),
         groups=results.get("groups", {}),
         alignment=results.get("alignment", {}),
+        training_settings=results.get("settings", {}).get("alignment", {}),
+        evaluation_split=results.get("settings", {}).get("split"),
     )
 
 

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from examples import batch_translate, inference, make_tiny_checkpoint, plot_language_bias, push_to_hub
 from modeling_potsa import PotsaForSpeechTranslation, PotsaSpeechTranslationPipeline
+from potsa_training.arguments import AlignmentArguments
 from potsa_training.evaluation import EvaluationResult, write_results
 
 from .conftest import SAMPLING_RATE, synthetic_audio
@@ -75,7 +76,8 @@ def results_json(tmp_path_factory):
     }
     groups = {"seen": {"bleu": 15.478, "exact_match": 0.175, "off_target_rate": 0.025}}
     out = tmp_path_factory.mktemp("evaluation")
-    write_results(EvaluationResult(scores, groups, {"recall_at_1": 0.75}), out)
+    settings = {"split": "test", "alignment": AlignmentArguments(ot_loss_weight=1.0).to_dict()}
+    write_results(EvaluationResult(scores, groups, {"recall_at_1": 0.75}), out, settings=settings)
     return out / "results.json"
 
 
@@ -136,6 +138,8 @@ def test_model_card_is_filled_from_config_and_results(releases):
     assert "| es | 21.46 | 0.250 | 0.000 | 40 |" in card.text and "| **seen** (mean) | 15.48 |" in card.text
     assert 'pipeline("translation", model="me/potsa-trainable", trust_remote_code=True)' in card.text
     assert "arXiv" in card.text and "2511.09232" in card.text and "4 s windows" in card.text
+    assert "`ot_loss_weight=1.0`" in card.text and "`alignment_loss=sinkhorn`" in card.text  # how it was trained
+    assert "on the test split" in card.text
     stored = sum(tensor.numel() for tensor in load_file(root / "trainable/model.safetensors").values())
     assert f"| weights in this repository | {stored:,} of the model's 94,240 parameters |" in card.text
     bundle = ModelCard.load(root / "bundle/README.md")
